@@ -1,0 +1,240 @@
+"""The ``morphkit`` command line (click). Every command maps to one API call.
+
+A :class:`MorphkitError` becomes one clear line on stderr and exit code 1; bad
+arguments exit 2 (click's usage errors). Nothing here holds logic the Python
+API lacks: the CLI parses, calls, and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from morphkit import __version__
+from morphkit.errors import ConfigError, MorphkitError
+
+logger = logging.getLogger("morphkit")
+
+
+class _Group(click.Group):
+    """Turns MorphkitError into one line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MorphkitError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="morphkit")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Morph a pretrained PyTorch network to any width (Neural Metamorphosis)."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _resolve_model(spec: str):
+    """A model file written by save_model, or a registry / timm spec."""
+    from morphkit.export import load_model
+    from morphkit.models import build_model
+
+    if Path(spec).suffix == ".safetensors" or Path(spec).is_file():
+        return load_model(spec)
+    return build_model(spec)
+
+
+def _example_inputs(model, input_shape: str | None):
+    import torch
+
+    from morphkit.models import example_inputs_for
+
+    if input_shape:
+        try:
+            shape = tuple(int(v) for v in input_shape.replace("x", ",").split(","))
+        except ValueError as e:
+            raise ConfigError(f"--input-shape: got {input_shape!r}, expected C,H,W (e.g. 3,224,224)") from e
+        return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    return example_inputs_for(model)
+
+
+def _macs(model, x) -> int | None:
+    try:
+        import torch_pruning as tp
+
+        macs, _ = tp.utils.count_ops_and_params(model, x)
+        return int(macs)
+    except Exception as e:  # MAC counting is informational only
+        logger.debug("MAC count failed: %s", e)
+        return None
+
+
+def _fmt_metrics(m: dict[str, float]) -> str:
+    if "accuracy" in m:
+        return f"accuracy {100 * m['accuracy']:.2f}%  loss {m['loss']:.4f}  (n={int(m['n'])})"
+    return f"recon MSE {m['mse']:.2f}  NLL {m['nll']:.2f}  (n={int(m['n'])})"
+
+
+@main.command()
+@click.argument("model")
+@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: the model's recipe).")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--augment/--no-augment", default=None, help="Random crop + flip (default: on for CIFAR).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
+def train(model: str, data_spec: str, epochs: int | None, batch_size: int, optimizer: str | None,
+          lr: float | None, weight_decay: float | None, label_smoothing: float, augment: bool | None,
+          seed: int, device: str | None, progress: bool, output: str) -> None:
+    """Train a base MODEL on --data and write it with save_model."""
+    from morphkit.data import load_data, make_loaders
+    from morphkit.export import save_model
+    from morphkit.fit import fit
+    from morphkit.models import recipe_of
+
+    net = _resolve_model(model)
+    recipe = recipe_of(net)
+    kw = {"optimizer": optimizer or recipe["optimizer"], "lr": lr if lr is not None else recipe["lr"],
+          "weight_decay": weight_decay if weight_decay is not None else recipe["weight_decay"]}
+    epochs = epochs or recipe["epochs"]
+    splits = load_data(data_spec)
+    train_dl, test_dl = make_loaders(splits, batch_size=batch_size, augment=augment, seed=seed)
+    click.echo(f"training {model} on {data_spec}: {len(splits.train)} train / {len(splits.test)} test "
+               f"images, {epochs} epochs, {kw}", err=True)
+    t0 = time.perf_counter()
+    trained, hist = fit(net, train_dl, epochs=epochs, eval_data=test_dl, seed=seed, device=device,
+                        label_smoothing=label_smoothing, progress=progress and sys.stderr.isatty(), **kw)
+    seconds = time.perf_counter() - t0
+    final = hist.eval[-1]
+    save_model(trained, output, data=data_spec, epochs=epochs, seed=seed, seconds=round(seconds, 1),
+               metrics=final, recipe=kw, batch_size=batch_size)
+    click.echo(f"{model}: {_fmt_metrics(final)} after {epochs} epochs in {seconds:.0f} s "
+               f"({hist.images_per_s:.0f} img/s); wrote {output}")
+
+
+@main.command("eval")
+@click.argument("file", type=click.Path())
+@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
+@click.option("--width", type=float, default=None, help="Width to sample (manifold files only).")
+@click.option("--samples", type=int, default=None, help="K noisy draws averaged (manifold files only).")
+@click.option("--batch-size", type=int, default=500, show_default=True)
+def eval_cmd(file: str, data_spec: str, width: float | None, samples: int | None, batch_size: int) -> None:
+    """Evaluate a model FILE (or a manifold at --width) on the test split of --data."""
+    from morphkit.data import load_data, make_loaders
+    from morphkit.fit import evaluate
+
+    net = _load_any(file, width, samples)
+    splits = load_data(data_spec)
+    _, test_dl = make_loaders(splits, batch_size=batch_size, augment=False)
+    metrics = evaluate(net, test_dl)
+    click.echo(f"{file}{'' if width is None else f' @ width {width}'}: {_fmt_metrics(metrics)}")
+
+
+def _load_any(file: str, width: float | None, samples: int | None):
+    from morphkit._io import read_tensors
+    from morphkit.export import load_model
+    from morphkit.formats import MANIFOLD_FORMAT
+
+    _, meta = read_tensors(file)
+    if meta["format"].startswith(MANIFOLD_FORMAT):
+        from morphkit.manifold import Manifold
+
+        if width is None:
+            raise ConfigError(f"{file!r} is a manifold: pass --width W (0 < W <= 1) to sample a model from it")
+        m = Manifold.load(file)
+        return m.sample(width, samples=samples or m.config.samples)
+    if width is not None or samples is not None:
+        raise ConfigError(f"{file!r} is a model file of fixed width: --width/--samples apply to manifolds only")
+    return load_model(file)
+
+
+@main.command()
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+def info(file: str, as_json: bool) -> None:
+    """Print a model or manifold FILE's metadata, parameters and MACs."""
+    from morphkit._io import read_tensors
+    from morphkit.formats import MANIFOLD_FORMAT
+
+    tensors, meta = read_tensors(file)
+    meta = dict(meta)
+    meta.pop("shapes", None)
+    if meta["format"].startswith(MANIFOLD_FORMAT):
+        from morphkit.manifold import Manifold
+
+        summary = Manifold.load(file).summary()
+    else:
+        from morphkit.export import load_model
+        from morphkit.models import example_inputs_for
+
+        net = load_model(file)
+        x = example_inputs_for(net) if meta.get("arch") else None
+        summary = {"params": sum(p.numel() for p in net.parameters()),
+                   "macs": _macs(net, x) if x is not None else None}
+    if as_json:
+        click.echo(json.dumps({"metadata": meta, **summary}, indent=2, default=str))
+        return
+    click.echo(f"file:    {file}")
+    click.echo(f"format:  {meta['format']} (morphkit {meta.get('morphkit_version', '?')})")
+    arch = meta.get("arch") or {}
+    if arch:
+        click.echo(f"arch:    {arch.get('source')}:{arch.get('name')} {arch.get('kwargs') or ''}".rstrip())
+    for k, v in summary.items():
+        if isinstance(v, int) and v > 10_000:
+            v = f"{v:,}"
+        click.echo(f"{k + ':':<8} {v}")
+    if meta.get("widths"):
+        click.echo(f"widths:  {meta['widths']}")
+    user = meta.get("user") or {}
+    for k, v in user.items():
+        click.echo(f"{k + ':':<8} {v}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--input-shape", default=None, help="C,H,W of the example input (default: the model's).")
+def cliques(model: str, input_shape: str | None) -> None:
+    """Print the resizable channel groups (cliques) of MODEL."""
+    from morphkit.graph import find_cliques, format_cliques
+
+    net = _resolve_model(model)
+    found = find_cliques(net, _example_inputs(net, input_shape))
+    click.echo(format_cliques(found))
+
+
+@main.command()
+@click.option("--epochs", type=int, default=3, show_default=True, help="Base LeNet-5 epochs.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def demo(epochs: int, progress: bool) -> None:
+    """Offline end-to-end run on the MNIST subset shipped in the package."""
+    from morphkit.data import load_data, make_loaders
+    from morphkit.fit import evaluate, fit
+    from morphkit.models import build_model, recipe_of
+
+    t0 = time.perf_counter()
+    splits = load_data("embedded")
+    train_dl, test_dl = make_loaders(splits, batch_size=64, seed=0)
+    click.echo(f"embedded MNIST subset: {len(splits.train)} train / {len(splits.test)} test images")
+    recipe = recipe_of(build_model("lenet5"))
+    base, _ = fit(build_model("lenet5"), train_dl, epochs=epochs, optimizer=recipe["optimizer"],
+                  lr=recipe["lr"], weight_decay=recipe["weight_decay"], progress=progress, seed=0)
+    click.echo(f"base LeNet-5 ({epochs} epochs): {_fmt_metrics(evaluate(base, test_dl))}")
+    click.echo(f"done in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,222 @@
+"""Configuration of a morph: INR shape, training schedule, smoothing.
+
+``MorphConfig`` is a tree of plain dataclasses, validated on construction and
+round-tripped through JSON (with a ``version`` field), so a manifold file can
+record exactly how it was made and ``morphkit morph --config cfg.json`` can
+reproduce it. Unknown keys and bad values raise :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from morphkit.errors import ConfigError
+
+__all__ = ["INRConfig", "TrainConfig", "SmoothConfig", "MorphConfig", "CONFIG_VERSION"]
+
+CONFIG_VERSION = 1
+
+
+def _check(cond: bool, what: str, got: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"{what}: got {got!r}, expected {expected}")
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class INRConfig:
+    """Shape of the implicit neural representation (paper section 3.2).
+
+    Attributes:
+        hidden: Width of the residual MLP.
+        layers: Number of hidden layers (residual blocks) of the MLP.
+        n_freqs: Fourier frequencies per coordinate (``sin/cos(2^j * pi * v)``, j < n_freqs).
+    """
+
+    hidden: int = 256
+    layers: int = 5
+    n_freqs: int = 16
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.hidden, int) and self.hidden >= 1, "inr.hidden", self.hidden, "an int >= 1")
+        _check(isinstance(self.layers, int) and self.layers >= 1, "inr.layers", self.layers, "an int >= 1")
+        _check(isinstance(self.n_freqs, int) and 0 <= self.n_freqs <= 24, "inr.n_freqs", self.n_freqs,
+               "an int in [0, 24] (2^24 * pi is already past float32 resolution)")
+
+
+@dataclass
+class TrainConfig:
+    """Schedule and losses of ``morph()`` (paper section 3.4).
+
+    Attributes:
+        epochs: Passes over the training data (ignored when ``steps`` is set).
+        steps: Total optimisation steps; overrides ``epochs`` when given.
+        lr: Adam learning rate (cosine-decayed to 0).
+        weight_decay: Adam weight decay on the INR.
+        compression: Range ``(low, high)`` of the compression drawn each step.
+        per_clique: Draw an independent compression per clique instead of one global one.
+        noise: Coordinate noise half-width ``a`` in channel units (U(-a, a)).
+        l1: Weight of the magnitude-weighted reconstruction loss (full width).
+        l2: Weight of the L2 penalty on predicted weights.
+        distill: Weight of distillation from the base model's outputs (0 = off).
+        ema: EMA decay of the INR weights (0 = off).
+        grad_clip: Max gradient norm (0 = off).
+        tensor_fraction: Fraction of predicted tensors updated per step (1 = all).
+        eval_every: Evaluate every this many steps (0 = only at the end).
+        eval_compressions: Compressions evaluated periodically and at the end.
+        seed: Seed of every random draw (data order, widths, noise, INR init).
+    """
+
+    epochs: int = 10
+    steps: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    compression: tuple[float, float] = (0.0, 0.5)
+    per_clique: bool = False
+    noise: float = 0.5
+    l1: float = 1.0
+    l2: float = 1e-4
+    distill: float = 0.0
+    ema: float = 0.995
+    grad_clip: float = 1.0
+    tensor_fraction: float = 1.0
+    eval_every: int = 0
+    eval_compressions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.compression = tuple(self.compression)  # type: ignore[assignment]
+        self.eval_compressions = tuple(self.eval_compressions)
+        _check(isinstance(self.epochs, int) and self.epochs >= 1, "train.epochs", self.epochs, "an int >= 1")
+        _check(self.steps is None or (isinstance(self.steps, int) and self.steps >= 1),
+               "train.steps", self.steps, "null or an int >= 1")
+        _check(_is_num(self.lr) and self.lr > 0, "train.lr", self.lr, "a finite float > 0")
+        _check(_is_num(self.weight_decay) and self.weight_decay >= 0, "train.weight_decay",
+               self.weight_decay, "a finite float >= 0")
+        lo_hi = self.compression
+        _check(len(lo_hi) == 2 and all(_is_num(v) for v in lo_hi) and 0 <= lo_hi[0] <= lo_hi[1] < 1,
+               "train.compression", lo_hi, "[low, high] with 0 <= low <= high < 1")
+        _check(isinstance(self.per_clique, bool), "train.per_clique", self.per_clique, "true or false")
+        for name in ("noise", "l1", "l2", "distill", "grad_clip"):
+            v = getattr(self, name)
+            _check(_is_num(v) and v >= 0, f"train.{name}", v, "a finite float >= 0")
+        _check(_is_num(self.ema) and 0 <= self.ema < 1, "train.ema", self.ema, "a float in [0, 1)")
+        _check(_is_num(self.tensor_fraction) and 0 < self.tensor_fraction <= 1, "train.tensor_fraction",
+               self.tensor_fraction, "a float in (0, 1]")
+        _check(isinstance(self.eval_every, int) and self.eval_every >= 0, "train.eval_every",
+               self.eval_every, "an int >= 0")
+        _check(all(_is_num(c) and 0 <= c < 1 for c in self.eval_compressions), "train.eval_compressions",
+               self.eval_compressions, "compressions in [0, 1)")
+        _check(isinstance(self.seed, int) and self.seed >= 0, "train.seed", self.seed, "an int >= 0")
+
+
+@dataclass
+class SmoothConfig:
+    """Channel-order smoothing before training (paper section 3.3).
+
+    Attributes:
+        enabled: Permute every clique along its shortest Hamiltonian path.
+        time_budget: Seconds of iterated local search per clique (None = default restarts).
+        seed: Solver seed.
+    """
+
+    enabled: bool = True
+    time_budget: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.enabled, bool), "smooth.enabled", self.enabled, "true or false")
+        _check(self.time_budget is None or (_is_num(self.time_budget) and self.time_budget > 0),
+               "smooth.time_budget", self.time_budget, "null or seconds > 0")
+        _check(isinstance(self.seed, int) and self.seed >= 0, "smooth.seed", self.seed, "an int >= 0")
+
+
+@dataclass
+class MorphConfig:
+    """Everything ``morph()`` needs besides the model and the data.
+
+    Attributes:
+        inr: INR shape.
+        train: Training schedule and losses.
+        smooth: Smoothing options.
+        fuse_bn: Fold BatchNorm into the preceding conv/linear before learning.
+        samples: Default K of ``Manifold.sample`` (noisy coordinate draws averaged).
+
+    Example:
+        >>> cfg = MorphConfig(train=TrainConfig(epochs=2))
+        >>> MorphConfig.from_json(cfg.to_json()) == cfg
+        True
+    """
+
+    inr: INRConfig = field(default_factory=INRConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    smooth: SmoothConfig = field(default_factory=SmoothConfig)
+    fuse_bn: bool = True
+    samples: int = 50
+
+    def __post_init__(self) -> None:
+        for name, cls in (("inr", INRConfig), ("train", TrainConfig), ("smooth", SmoothConfig)):
+            _check(isinstance(getattr(self, name), cls), name, type(getattr(self, name)).__name__, cls.__name__)
+        _check(isinstance(self.fuse_bn, bool), "fuse_bn", self.fuse_bn, "true or false")
+        _check(isinstance(self.samples, int) and self.samples >= 1, "samples", self.samples, "an int >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with a ``version`` key."""
+        return {"version": CONFIG_VERSION, **asdict(self)}
+
+    def to_json(self) -> str:
+        """JSON text (sorted keys), readable by :meth:`from_json`."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MorphConfig":
+        """Build from a dict; unknown keys or a newer version raise ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: got {type(d).__name__}, expected a JSON object")
+        d = dict(d)
+        version = d.pop("version", CONFIG_VERSION)
+        if not isinstance(version, int) or version > CONFIG_VERSION or version < 1:
+            raise ConfigError(f"config version {version!r} is not supported (this morphkit reads "
+                              f"versions 1..{CONFIG_VERSION}); upgrade morphkit")
+        subs = {"inr": INRConfig, "train": TrainConfig, "smooth": SmoothConfig}
+        kwargs: dict[str, Any] = {}
+        top = {f.name for f in fields(cls)}
+        for key, value in d.items():
+            if key not in top:
+                raise ConfigError(f"unknown config key {key!r}; expected one of {sorted(top)}")
+            if key in subs:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config.{key}: got {value!r}, expected a JSON object")
+                allowed = {f.name for f in fields(subs[key])}
+                unknown = sorted(set(value) - allowed)
+                if unknown:
+                    raise ConfigError(f"unknown config key(s) {unknown} in {key!r}; "
+                                      f"expected some of {sorted(allowed)}")
+                kwargs[key] = subs[key](**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MorphConfig":
+        """Parse JSON text (see :meth:`from_dict`)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MorphConfig":
+        """Read a JSON config file."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; write one with MorphConfig().to_json()")
+        return cls.from_json(p.read_text())
