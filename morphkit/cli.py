@@ -216,6 +216,88 @@ def cliques(model: str, input_shape: str | None) -> None:
     click.echo(format_cliques(found))
 
 
+@main.command("morph")
+@click.argument("model")
+@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
+@click.option("--epochs", type=int, default=None, help="Epochs over the data (default: the config's).")
+@click.option("--steps", type=int, default=None, help="Total steps (overrides --epochs).")
+@click.option("--config", "config_path", type=click.Path(), default=None, help="MorphConfig JSON file.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--input-shape", default=None, help="C,H,W of the example input (default: the model's).")
+@click.option("--seed", type=int, default=None, help="Seed (default: the config's).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Manifold file to write.")
+def morph_cmd(model: str, data_spec: str, epochs: int | None, steps: int | None, config_path: str | None,
+              batch_size: int, input_shape: str | None, seed: int | None, device: str | None, progress: bool,
+              output: str) -> None:
+    """Learn the weight manifold of MODEL on --data and write it to -o."""
+    import dataclasses
+
+    from morphkit.config import MorphConfig
+    from morphkit.data import load_data, make_loaders
+    from morphkit.train import morph
+
+    cfg = MorphConfig.load(config_path) if config_path else MorphConfig()
+    overrides = {k: v for k, v in (("epochs", epochs), ("steps", steps), ("seed", seed)) if v is not None}
+    if overrides:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+    _check_writable(output)
+    net = _resolve_model(model)
+    splits = load_data(data_spec)
+    train_dl, test_dl = make_loaders(splits, batch_size=batch_size, seed=cfg.train.seed)
+    x = _example_inputs(net, input_shape)
+    t0 = time.perf_counter()
+    manifold = morph(net, train_dl, example_inputs=x, config=cfg, eval_data=test_dl, device=device,
+                     progress=progress and sys.stderr.isatty())
+    manifold.save(output)
+    click.echo(f"morphed {model} in {time.perf_counter() - t0:.0f} s; wrote {output}")
+    base = manifold.info.get("base_metrics")
+    if base:
+        click.echo(f"  base model:        {_fmt_metrics(base)}")
+    for g, m in (manifold.info.get("final") or {}).items():
+        click.echo(f"  compression {float(g):>4.0%}: {_fmt_metrics(m)}")
+
+
+def _check_writable(output: str) -> None:
+    """Fail before hours of work when the output cannot be written."""
+    import os
+
+    parent = Path(output).resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(f"output directory {str(parent)!r} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"output directory {str(parent)!r} is not writable")
+
+
+@main.command()
+@click.argument("manifold_file", type=click.Path())
+@click.option("--width", type=float, default=None, help="Width in (0, 1] (1 = the base model).")
+@click.option("--compression", type=float, default=None, help="Compression in [0, 1) (= 1 - width).")
+@click.option("--samples", type=int, default=None, help="K noisy draws averaged (default: the manifold's, 50).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
+def export(manifold_file: str, width: float | None, compression: float | None, samples: int | None, seed: int,
+           output: str) -> None:
+    """Sample a standard model from a manifold at --width or --compression."""
+    from morphkit.export import count_params, save_model
+    from morphkit.manifold import Manifold
+
+    if (width is None) == (compression is None):
+        raise click.UsageError("pass exactly one of --width W or --compression G")
+    if width is None:
+        width = 1.0 - compression  # type: ignore[operator]
+        if not 0 <= compression < 1:  # type: ignore[operator]
+            raise ConfigError(f"--compression must be in [0, 1), got {compression}")
+    _check_writable(output)
+    m = Manifold.load(manifold_file)
+    t0 = time.perf_counter()
+    net = m.sample(width, samples=samples, seed=seed)
+    seconds = time.perf_counter() - t0
+    save_model(net, output, source=str(manifold_file), width=width, samples=samples or m.config.samples, seed=seed)
+    click.echo(f"exported width {width:g} ({count_params(net):,} params, sampled in {seconds:.2f} s) to {output}")
+
+
 @main.command()
 @click.option("--epochs", type=int, default=3, show_default=True, help="Base LeNet-5 epochs.")
 @click.option("--progress/--no-progress", default=True, show_default=True)

@@ -13,10 +13,18 @@ feature map gives ``[0]*S + [1]*S + ...`` (S spatial positions per channel);
 a fused q/k/v projection gives ``[0..C-1, 0..C-1, 0..C-1]``. Resizing keeps, in
 order, every position whose channel is kept, so both layouts resize correctly.
 
+An index entry of ``-1`` marks a position that belongs to another clique (a
+layer fed by ``torch.cat`` of two cliques' channels sees both along one dim);
+resizing leaves such positions to that other clique.
+
 ``block`` is the size of the blocks that channels may only be permuted
 within (grouped convolutions, attention heads): 1 means free permutation.
 Resizing such a clique keeps whole multiples of ``n_blocks`` (the same count
-per block).
+per block). ``tied`` cliques use one permutation for every block (the input
+of a grouped convolution, whose weight has only ``block`` input columns
+shared by all groups; a LayerNorm over one attention head's dims): their
+members may index the channels of the first block only (``index`` values in
+``range(block)``), which then stand for that position in every block.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Member", "Clique"]
+__all__ = ["Member", "Clique", "width_map"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class Member:
                 "index": None if self.index is None else list(self.index)}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Member":
+    def from_json(cls, d: dict[str, Any]) -> Member:
         idx = d.get("index")
         return cls(name=str(d["name"]), dim=int(d["dim"]),
                    index=None if idx is None else tuple(int(i) for i in idx))
@@ -73,6 +81,8 @@ class Clique:
             (grouped convs, attention heads); 1 = free.
         modules: Names of the modules whose structure depends on this clique
             (for display and for resizing).
+        tied: True when every block must use the same permutation; members
+            may then index the first block only (see the module doc).
     """
 
     id: int
@@ -82,6 +92,7 @@ class Clique:
     reason: str = ""
     block: int = 1
     modules: list[str] = field(default_factory=list)
+    tied: bool = False
 
     @property
     def n_blocks(self) -> int:
@@ -101,14 +112,89 @@ class Clique:
             return per * self.n_blocks
         return max(1, round(self.size * width))
 
+    def kept(self, count: int) -> list[int]:
+        """Base channels a resized model with ``count`` channels keeps, in order.
+
+        Free cliques keep the first ``count`` channels; blocked cliques keep the
+        first ``count // n_blocks`` channels of every block. Which channels are
+        kept only fixes shapes (the INR fills the values), but everything that
+        resizes (``resize``, the coordinate tables) uses this one rule.
+        """
+        if self.block > 1:
+            per = count // self.n_blocks
+            return [b * self.block + j for b in range(self.n_blocks) for j in range(per)]
+        return list(range(count))
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["members"] = [m.to_json() for m in self.members]
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Clique":
+    def from_json(cls, d: dict[str, Any]) -> Clique:
         return cls(id=int(d["id"]), size=int(d["size"]),
                    members=[Member.from_json(m) for m in d.get("members", [])],
                    fixed=bool(d.get("fixed", False)), reason=str(d.get("reason", "")),
-                   block=int(d.get("block", 1)), modules=list(d.get("modules", [])))
+                   block=int(d.get("block", 1)), modules=list(d.get("modules", [])),
+                   tied=bool(d.get("tied", False)))
+
+
+def width_map(cliques: list[Clique], width: Any) -> dict[int, int]:
+    """Resolve a width (float in (0, 1] or ``{clique_id: channels}``) to a full width map.
+
+    Args:
+        cliques: All cliques of the model (fixed ones included).
+        width: A fraction applied to every non-fixed clique
+            (``max(1, round(size * width))`` channels), or a map of channel
+            counts for some cliques (the others stay full).
+
+    Returns:
+        ``{clique_id: channels}`` for every clique.
+
+    Raises:
+        ConfigError: width <= 0, > 1, NaN, not a number; unknown clique id; a
+            count < 1 or > size; a fixed clique asked to change; a blocked
+            clique's count that is not a whole multiple of its blocks.
+
+    Example:
+        >>> cs = [Clique(0, 6), Clique(1, 10, fixed=True, reason="output")]
+        >>> width_map(cs, 0.5)
+        {0: 3, 1: 10}
+    """
+    import math
+
+    from morphkit.errors import ConfigError
+
+    by_id = {c.id: c for c in cliques}
+    if isinstance(width, dict):
+        out = {c.id: c.size for c in cliques}
+        for key, count in width.items():
+            try:
+                cid = int(key)
+            except (TypeError, ValueError):
+                raise ConfigError(f"width map key {key!r} is not a clique id; expected ints from "
+                                  f"{sorted(by_id)}") from None
+            if cid not in by_id:
+                raise ConfigError(f"unknown clique id {cid} in the width map; this model has cliques "
+                                  f"{sorted(by_id)} (see `morphkit cliques MODEL`)")
+            c = by_id[cid]
+            if isinstance(count, bool) or not isinstance(count, (int,)) and not (
+                    isinstance(count, float) and count.is_integer()):
+                raise ConfigError(f"clique {cid}: channel count {count!r} is not an integer")
+            count = int(count)
+            if not 1 <= count <= c.size:
+                raise ConfigError(f"clique {cid}: got {count} channels, expected 1..{c.size}")
+            if c.fixed and count != c.size:
+                raise ConfigError(f"clique {cid} is fixed ({c.reason}); it must keep its {c.size} channels")
+            if c.block > 1 and count % c.n_blocks:
+                raise ConfigError(f"clique {cid} permutes within {c.n_blocks} blocks of {c.block}; its "
+                                  f"channel count must be a multiple of {c.n_blocks}, got {count}")
+            out[cid] = count
+        return out
+    if isinstance(width, bool) or not isinstance(width, (int, float)):
+        raise ConfigError(f"width must be a number in (0, 1] or a {{clique_id: channels}} map, "
+                          f"got {width!r}")
+    if not math.isfinite(width) or not 0 < width <= 1:
+        raise ConfigError(f"width must be in (0, 1] (1 = the base model; compression = 1 - width), "
+                          f"got {width!r}")
+    return {c.id: c.channels_for(float(width)) for c in cliques}

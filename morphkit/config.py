@@ -38,17 +38,21 @@ class INRConfig:
         hidden: Width of the residual MLP.
         layers: Number of hidden layers (residual blocks) of the MLP.
         n_freqs: Fourier frequencies per coordinate (``sin/cos(2^j * pi * v)``, j < n_freqs).
+        residual: Represent weights as a bilinear resampling of the smoothed base
+            plus the MLP's correction (False: the paper's pure INR).
     """
 
     hidden: int = 256
     layers: int = 5
     n_freqs: int = 16
+    residual: bool = True
 
     def __post_init__(self) -> None:
         _check(isinstance(self.hidden, int) and self.hidden >= 1, "inr.hidden", self.hidden, "an int >= 1")
         _check(isinstance(self.layers, int) and self.layers >= 1, "inr.layers", self.layers, "an int >= 1")
         _check(isinstance(self.n_freqs, int) and 0 <= self.n_freqs <= 24, "inr.n_freqs", self.n_freqs,
                "an int in [0, 24] (2^24 * pi is already past float32 resolution)")
+        _check(isinstance(self.residual, bool), "inr.residual", self.residual, "true or false")
 
 
 @dataclass
@@ -64,6 +68,8 @@ class TrainConfig:
         per_clique: Draw an independent compression per clique instead of one global one.
         noise: Coordinate noise half-width ``a`` in channel units (U(-a, a)).
         l1: Weight of the magnitude-weighted reconstruction loss (full width).
+        recon_fraction: Fraction of full-width rows reconstructed per step (a
+            fresh random subset each step; 1 = all rows).
         l2: Weight of the L2 penalty on predicted weights.
         distill: Weight of distillation from the base model's outputs (0 = off).
         ema: EMA decay of the INR weights (0 = off).
@@ -82,6 +88,7 @@ class TrainConfig:
     per_clique: bool = False
     noise: float = 0.5
     l1: float = 1.0
+    recon_fraction: float = 0.25
     l2: float = 1e-4
     distill: float = 0.0
     ema: float = 0.995
@@ -108,8 +115,9 @@ class TrainConfig:
             v = getattr(self, name)
             _check(_is_num(v) and v >= 0, f"train.{name}", v, "a finite float >= 0")
         _check(_is_num(self.ema) and 0 <= self.ema < 1, "train.ema", self.ema, "a float in [0, 1)")
-        _check(_is_num(self.tensor_fraction) and 0 < self.tensor_fraction <= 1, "train.tensor_fraction",
-               self.tensor_fraction, "a float in (0, 1]")
+        for name in ("tensor_fraction", "recon_fraction"):
+            v = getattr(self, name)
+            _check(_is_num(v) and 0 < v <= 1, f"train.{name}", v, "a float in (0, 1]")
         _check(isinstance(self.eval_every, int) and self.eval_every >= 0, "train.eval_every",
                self.eval_every, "an int >= 0")
         _check(all(_is_num(c) and 0 <= c < 1 for c in self.eval_compressions), "train.eval_compressions",
@@ -176,7 +184,7 @@ class MorphConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MorphConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MorphConfig:
         """Build from a dict; unknown keys or a newer version raise ConfigError."""
         if not isinstance(d, dict):
             raise ConfigError(f"config: got {type(d).__name__}, expected a JSON object")
@@ -205,7 +213,7 @@ class MorphConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> "MorphConfig":
+    def from_json(cls, text: str) -> MorphConfig:
         """Parse JSON text (see :meth:`from_dict`)."""
         try:
             data = json.loads(text)
@@ -214,7 +222,7 @@ class MorphConfig:
         return cls.from_dict(data)
 
     @classmethod
-    def load(cls, path: str | Path) -> "MorphConfig":
+    def load(cls, path: str | Path) -> MorphConfig:
         """Read a JSON config file."""
         p = Path(path)
         if not p.is_file():

@@ -1,0 +1,144 @@
+"""The implicit neural representation: coordinates in, weight values out (paper eq. 4).
+
+A residual MLP (ReLU) maps the Fourier features of a row's six coordinates to
+a hidden vector; one linear *head* per predicted tensor ("block-based") turns
+it into that tensor's trailing values (``k*k`` for a conv, the spatial
+positions of a flattened map, 1 for a bias), in units of the tensor's RMS.
+
+With ``residual=True`` (the default) the INR also holds each tensor's smoothed
+base weights as a ``(C_out, C_in, trailing)`` grid and adds their bilinear
+interpolation at the row's (out, in) coordinates: the represented function is
+``bilinear(base)(coords) + MLP(coords) * rms``. Heads start at zero, so before
+any training the INR reproduces the base model exactly at full width and a
+smooth resampling of it at other widths; training learns the corrections that
+make every width accurate. ``residual=False`` is the paper's pure INR.
+
+The trunk runs once over all rows of a coordinate table; each head runs on its
+tensor's contiguous slice of rows, so the only Python loop is over tensors,
+never over rows. The caller multiplies the output by the fan-in factor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from morphkit.coords import fourier_features
+
+__all__ = ["INR", "bilinear_rows"]
+
+N_COORDS = 6
+
+
+def bilinear_rows(grid: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
+    """Interpolate a ``(C_out, C_in, T)`` grid at cell-centre coordinates in [0, 1].
+
+    Args:
+        grid: Base values, one cell per channel pair.
+        u_out: ``(R,)`` out coordinates (``(o + 0.5) / C`` plus noise).
+        u_in: ``(R,)`` in coordinates.
+
+    Returns:
+        ``(R, T)`` interpolated rows (clamped at the borders).
+
+    Example:
+        >>> g = torch.arange(4.).reshape(2, 2, 1)
+        >>> bilinear_rows(g, torch.tensor([0.25, 0.5]), torch.tensor([0.25, 0.5])).squeeze(1)
+        tensor([0.0000, 1.5000])
+    """
+    c_out, c_in, _ = grid.shape
+
+    def split(u: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = (u * c - 0.5).clamp(0, c - 1)  # (R,) position in base channel units
+        lo = p.floor().long().clamp(max=c - 1)
+        hi = (lo + 1).clamp(max=c - 1)
+        return lo, hi, (p - lo).unsqueeze(1)  # weights (R, 1)
+
+    o0, o1, wo = split(u_out, c_out)
+    i0, i1, wi = split(u_in, c_in)
+    top = grid[o0, i0] * (1 - wi) + grid[o0, i1] * wi  # (R, T)
+    bot = grid[o1, i0] * (1 - wi) + grid[o1, i1] * wi  # (R, T)
+    return top * (1 - wo) + bot * wo
+
+
+class INR(nn.Module):
+    """Residual MLP with one head per predicted tensor, optionally over base grids.
+
+    Args:
+        head_sizes: Trailing size of each predicted tensor, in layout order.
+        hidden: Hidden width.
+        layers: Hidden layers (the first maps features in, the rest are residual).
+        n_freqs: Fourier frequencies per coordinate.
+        scales: RMS of each tensor (the heads' output unit); default 1.
+        grid_shapes: ``(C_out, C_in, trailing)`` of each tensor's base grid for
+            the residual form, or None for the pure INR. Grids start at zero;
+            fill them with :meth:`set_grids` (or load a state dict).
+
+    Example:
+        >>> inr = INR([25, 1], hidden=32, layers=2, n_freqs=4)
+        >>> outs = inr(torch.rand(10, 6), [(0, 6), (6, 10)])
+        >>> [tuple(o.shape) for o in outs]
+        [(6, 25), (4, 1)]
+    """
+
+    def __init__(self, head_sizes: list[int], hidden: int = 256, layers: int = 5, n_freqs: int = 16,
+                 scales: list[float] | None = None,
+                 grid_shapes: list[tuple[int, int, int]] | None = None) -> None:
+        super().__init__()
+        self.n_freqs = n_freqs
+        self.inp = nn.Linear(N_COORDS * (2 * n_freqs + 1), hidden)
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers - 1))
+        self.heads = nn.ModuleList(nn.Linear(hidden, s) for s in head_sizes)
+        self.register_buffer("scales", torch.tensor(scales if scales is not None else [1.0] * len(head_sizes),
+                                                    dtype=torch.float32))
+        self.residual = grid_shapes is not None
+        if self.residual:
+            for k, shape in enumerate(grid_shapes):
+                self.register_buffer(f"grid{k}", torch.zeros(shape))
+            for head in self.heads:  # residual form: start exactly at the base weights
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+        else:
+            for head in self.heads:
+                nn.init.normal_(head.weight, std=0.5 / hidden**0.5)
+                nn.init.zeros_(head.bias)
+
+    def set_grids(self, grids: list[torch.Tensor]) -> None:
+        """Copy the base grids in (residual form only)."""
+        for k, g in enumerate(grids):
+            getattr(self, f"grid{k}").copy_(g)
+
+    def trunk(self, coords: torch.Tensor) -> torch.Tensor:
+        """Hidden features of ``(R, 6)`` coordinates: ``(R, hidden)``."""
+        h = F.relu(self.inp(fourier_features(coords, self.n_freqs)))  # (R, hidden)
+        for block in self.blocks:
+            h = h + F.relu(block(h))  # (R, hidden)
+        return h
+
+    def head(self, k: int, h: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Tensor ``k``'s rows from hidden features ``(..., R, hidden)`` and coords ``(..., R, 6)``."""
+        out = self.heads[k](h) * self.scales[k]  # (..., R, T)
+        if self.residual:
+            grid = getattr(self, f"grid{k}")
+            flat = coords.reshape(-1, coords.shape[-1])
+            base = bilinear_rows(grid, flat[:, 1], flat[:, 2]).reshape(*coords.shape[:-1], -1)
+            out = out + base
+        return out
+
+    def forward(self, coords: torch.Tensor, segments: list[tuple[int, int]],
+                which: list[int] | None = None) -> list[torch.Tensor]:
+        """Predict the rows of each tensor.
+
+        Args:
+            coords: ``(R, 6)`` coordinates of the rows of every tensor in ``which``,
+                concatenated in that order.
+            segments: ``(start, end)`` of each tensor's rows within ``coords``.
+            which: Head index of each segment (default: ``range(len(segments))``).
+
+        Returns:
+            One ``(rows, trailing)`` tensor per segment (before the fan-in factor).
+        """
+        h = self.trunk(coords)
+        which = list(range(len(segments))) if which is None else which
+        return [self.head(k, h[s:e], coords[s:e]) for k, (s, e) in zip(which, segments)]

@@ -1,0 +1,360 @@
+"""The manifold: a trained INR plus everything needed to emit a model.
+
+``Manifold.sample(width)`` resizes the base structure to the width map,
+predicts every INR-owned tensor from its coordinates (averaged over K noisy
+coordinate draws, the first one clean, batched; paper eq. 9), slices the
+static tensors, and returns a plain ``nn.Module`` that ``save_model`` writes
+and ``load_model`` reads without morphkit's manifold. ``save`` / ``load`` use
+one safetensors file with JSON metadata (no pickle).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from morphkit import __version__
+from morphkit._io import read_tensors, write_tensors
+from morphkit.clique import Clique, width_map
+from morphkit.config import MorphConfig
+from morphkit.coords import CoordBuilder, CoordTable, DimSpec, TensorLayout, WidthMap, _dims_of, resize_static
+from morphkit.errors import CheckpointError, ConfigError, MorphkitError
+from morphkit.formats import MANIFOLD_FORMAT, format_tag
+from morphkit.inr import INR
+
+__all__ = ["Manifold", "predict_tensors", "as_inputs", "build_inr", "recalibrate_bn"]
+
+logger = logging.getLogger(__name__)
+
+ROWS_PER_CHUNK = 1 << 18  # rows through the trunk at once when sampling (~256 MB at hidden 256)
+
+
+def as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Example inputs as a tuple of tensors."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise ConfigError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def build_inr(layouts: list[TensorLayout], config: MorphConfig) -> INR:
+    """An INR shaped for these layouts (grids zero until filled or loaded)."""
+    grids = [(lt.rows[0].size, math.prod(r.size for r in lt.rows[1:]), lt.trailing) for lt in layouts]
+    return INR([lt.trailing for lt in layouts], config.inr.hidden, config.inr.layers, config.inr.n_freqs,
+               scales=[lt.scale for lt in layouts], grid_shapes=grids if config.inr.residual else None)
+
+
+def predict_tensors(inr: INR, builder: CoordBuilder, table: CoordTable, *, noise: float = 0.0,
+                    generator: torch.Generator | None = None, which: list[int] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Predict the tensors of ``which`` layouts (default all) at one width map, one draw.
+
+    Args:
+        inr: The INR.
+        builder: Coordinate builder of the manifold.
+        table: Coordinate table of the width map.
+        noise: Coordinate noise half-width ``a`` in channel units (0 = clean).
+        generator: RNG for the noise.
+        which: Layout indices to predict.
+
+    Returns:
+        ``{state_dict key: tensor}`` at the width map's shapes.
+    """
+    which = list(range(len(builder.layouts))) if which is None else which
+    device = next(inr.parameters()).device
+    if len(which) == len(builder.layouts):
+        coords, segs = table.coords, table.segments
+        scale = table.noise
+    else:
+        idx = torch.cat([torch.arange(*table.segments[k]) for k in which])
+        coords, scale = table.coords[idx], table.noise[idx]
+        segs, start = [], 0
+        for k in which:
+            n = table.segments[k][1] - table.segments[k][0]
+            segs.append((start, start + n))
+            start += n
+    coords = coords.to(device)
+    if noise > 0:
+        u = torch.rand(coords.shape[0], 2, generator=generator).to(device) * 2 - 1  # (R, 2) in U(-1, 1)
+        coords = coords.clone()
+        coords[:, 1:3] += noise * u * scale.to(device)
+    outs = inr(coords, segs, which)
+    return {builder.layouts[k].name: builder.assemble(k, table, out * table.fan_in[k])
+            for k, out in zip(which, outs)}
+
+
+class Manifold:
+    """A learned weight manifold. Build one with :func:`morphkit.morph`.
+
+    Attributes:
+        cliques: Every clique of the (fused, smoothed) base model.
+        config: The :class:`MorphConfig` it was trained with.
+        info: Training record (history, timings, base metrics).
+    """
+
+    def __init__(self, inr: INR, cliques: list[Clique], layouts: list[TensorLayout],
+                 static: dict[str, torch.Tensor], base: nn.Module, example_inputs: Any,
+                 config: MorphConfig, arch: dict | None, perms: dict[int, list[int]] | None = None,
+                 info: dict | None = None, fused_bn: bool = False) -> None:
+        self.inr = inr.eval()
+        self.cliques = cliques
+        self.layouts = layouts
+        self.builder = CoordBuilder(layouts, cliques)
+        self.static = static
+        self.base = base.eval()
+        self.example_inputs = as_inputs(example_inputs)
+        self.config = config
+        self.arch = arch
+        self.perms = perms or {}
+        self.info = info or {}
+        self.fused_bn = fused_bn
+        self._dims = _dims_of(cliques)
+        self._templates: dict[tuple, nn.Module] = {}
+
+    # ----------------------------------------------------------------- widths
+    def width_map(self, width: Any) -> WidthMap:
+        """Resolve a width (float or ``{clique_id: channels}``) to a full width map."""
+        return width_map(self.cliques, width)
+
+    def widths(self) -> dict[int, dict[str, Any]]:
+        """Per clique: base size, fixed or not, and the channel range seen in training."""
+        lo, hi = self.config.train.compression
+        out = {}
+        for c in self.cliques:
+            out[c.id] = {"size": c.size, "fixed": c.fixed,
+                         "trained": [c.channels_for(1 - hi), c.size] if not c.fixed else [c.size, c.size]}
+        return out
+
+    # -------------------------------------------------------------- structure
+    def template(self, counts: WidthMap) -> nn.Module:
+        """The base structure resized to a width map (cached; do not modify it)."""
+        key = tuple(sorted(counts.items()))
+        hit = self._templates.pop(key, None)
+        if hit is None:
+            from morphkit.resize import resize
+
+            hit = resize(self.base, self.example_inputs, counts, cliques=self.cliques).eval()
+        self._templates[key] = hit
+        while len(self._templates) > 64:
+            self._templates.pop(next(iter(self._templates)))
+        return hit
+
+    def static_tensors(self, counts: WidthMap) -> dict[str, torch.Tensor]:
+        """Static (not predicted) tensors sliced to a width map."""
+        return {n: resize_static(t, n, self._dims, counts) for n, t in self.static.items()}
+
+    # --------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def predict(self, width: Any, samples: int | None = None, seed: int = 0,
+                noise: float | None = None) -> dict[str, torch.Tensor]:
+        """Averaged INR predictions (``state_dict`` entries) at a width.
+
+        Args:
+            width: Float in (0, 1] or ``{clique_id: channels}``.
+            samples: K coordinate draws averaged (first clean); default ``config.samples``.
+            seed: Seed of the noise draws.
+            noise: Noise half-width ``a`` (default: the training value).
+        """
+        k_draws = self.config.samples if samples is None else samples
+        if isinstance(k_draws, bool) or not isinstance(k_draws, int) or k_draws < 1:
+            raise ConfigError(f"samples must be an int >= 1, got {k_draws!r}")
+        counts = self.width_map(width)
+        table = self.builder.table(counts)
+        a = self.config.train.noise if noise is None else noise
+        gen = torch.Generator().manual_seed(seed)
+        rows, n_heads = table.rows, len(self.layouts)
+        acc: list[torch.Tensor | None] = [None] * n_heads
+        per = max(1, ROWS_PER_CHUNK // max(1, rows))
+        done = 0
+        while done < k_draws:
+            kc = min(per, k_draws - done)
+            coords = table.coords.unsqueeze(0).repeat(kc, 1, 1)  # (kc, R, 6)
+            u = torch.rand(kc, rows, 2, generator=gen) * 2 - 1  # (kc, R, 2)
+            if done == 0:
+                u[0] = 0  # the first draw is clean
+            coords[:, :, 1:3] += a * u * table.noise
+            h = self.inr.trunk(coords.reshape(kc * rows, 6)).reshape(kc, rows, -1)  # (kc, R, hidden)
+            for k, (s, e) in enumerate(table.segments):
+                out = self.inr.head(k, h[:, s:e], coords[:, s:e]).sum(0)  # (rows_k, trailing)
+                acc[k] = out if acc[k] is None else acc[k] + out
+            done += kc
+        return {lt.name: self.builder.assemble(k, table, acc[k] * (table.fan_in[k] / k_draws))
+                for k, lt in enumerate(self.layouts)}
+
+    def sample(self, width: Any, samples: int | None = None, seed: int = 0,
+               calib_data: Any = None, calib_batches: int = 20) -> nn.Module:
+        """Emit a standard model at a width.
+
+        Args:
+            width: Float in (0, 1] (every non-fixed clique keeps
+                ``max(1, round(size * width))`` channels) or ``{clique_id: channels}``.
+            samples: K noisy coordinate draws averaged (first clean); default ``config.samples`` (50).
+            seed: Seed of the noise draws (same seed, same weights).
+            calib_data: Batches to recalibrate BatchNorm statistics that fusion
+                could not fold (ignored when every BN was folded).
+            calib_batches: How many batches of ``calib_data`` to use.
+
+        Returns:
+            An ``nn.Module`` in eval mode with ``morphkit_arch`` and ``morphkit_widths`` set.
+
+        Example:
+            >>> net = manifold.sample(0.5)            # doctest: +SKIP
+            >>> net = manifold.sample({3: 24}, samples=10)  # doctest: +SKIP
+        """
+        counts = self.width_map(width)
+        state = {**self.static_tensors(counts), **self.predict(counts, samples=samples, seed=seed)}
+        net = copy.deepcopy(self.template(counts))
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # an internal inconsistency, not user input
+            raise MorphkitError(f"sampled tensors do not fit the resized model: {e}") from e
+        net.morphkit_arch = copy.deepcopy(self.arch)
+        net.morphkit_widths = dict(counts)
+        net.morphkit_fused_bn = self.fused_bn
+        if calib_data is not None:
+            recalibrate_bn(net, calib_data, calib_batches)
+        return net.eval()
+
+    # ------------------------------------------------------------------ files
+    def summary(self) -> dict[str, Any]:
+        """Key facts for ``morphkit info``."""
+        resizable = [c for c in self.cliques if not c.fixed]
+        return {
+            "inr_params": sum(p.numel() for p in self.inr.parameters()),
+            "cliques": len(self.cliques),
+            "resizable_cliques": len(resizable),
+            "predicted_tensors": len(self.layouts),
+            "static_tensors": len(self.static),
+            "compression_trained": list(self.config.train.compression),
+            "base_params": sum(t.numel() for t in self.base.state_dict().values()),
+            **{k: v for k, v in self.info.items() if k in ("base_metrics", "seconds", "steps")},
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the manifold to one safetensors file (atomic; no pickle)."""
+        tensors = {f"inr.{k}": v for k, v in self.inr.state_dict().items()}
+        tensors.update({f"static.{k}": v for k, v in self.static.items()})
+        meta = {
+            "format": format_tag(MANIFOLD_FORMAT),
+            "morphkit_version": __version__,
+            "arch": self.arch,
+            "config": self.config.to_dict(),
+            "cliques": [c.to_json() for c in self.cliques],
+            "layouts": [lt.to_json() for lt in self.layouts],
+            "static": list(self.static),
+            "perms": {str(k): [int(i) for i in v] for k, v in self.perms.items()},
+            "input_shapes": [list(t.shape) for t in self.example_inputs],
+            "input_dtypes": [str(t.dtype).replace("torch.", "") for t in self.example_inputs],
+            "fused_bn": self.fused_bn,
+            "info": self.info,
+        }
+        write_tensors(tensors, meta, path)
+        logger.info("wrote manifold %s", path)
+
+    @classmethod
+    def load(cls, path: str | Path, base: nn.Module | None = None) -> Manifold:
+        """Read a manifold file.
+
+        Args:
+            path: A file written by :meth:`save`.
+            base: A fresh instance of the base architecture, for models
+                morphkit cannot rebuild from the file's ``arch`` (your own classes).
+
+        Raises:
+            CheckpointError: missing, truncated, corrupt, newer-format file, or
+                one whose tensors do not fit the base architecture.
+        """
+        tensors, meta = read_tensors(path, expect_format=MANIFOLD_FORMAT)
+        try:
+            config = MorphConfig.from_dict(meta["config"])
+            cliques = [Clique.from_json(c) for c in meta["cliques"]]
+            members = {(m.name, m.dim): m for c in cliques for m in c.members}
+            layouts = []
+            for d in meta["layouts"]:
+                rows = tuple(DimSpec(r["dim"], r["clique"], members[(d["name"], r["dim"])].index,
+                                     r["multiplicity"], r["size"], r["resizable"]) for r in d["rows"])
+                layouts.append(TensorLayout(d["name"], tuple(d["shape"]), rows, d["layer"], d["role"],
+                                            float(d["scale"])))
+            shapes, dtypes = meta["input_shapes"], meta["input_dtypes"]
+            gen = torch.Generator().manual_seed(0)
+            example = tuple(torch.randn(*s, generator=gen).to(getattr(torch, dt)) for s, dt in zip(shapes, dtypes))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{str(path)!r}: manifold metadata is incomplete or malformed ({e!r})") from e
+        arch = meta.get("arch")
+        if base is not None:
+            model = copy.deepcopy(base)
+        elif arch:
+            from morphkit.models import build_from_arch
+
+            try:
+                model = build_from_arch(arch)
+            except MorphkitError as e:
+                raise CheckpointError(f"{str(path)!r}: cannot rebuild its base model: {e}") from e
+        else:
+            raise CheckpointError(f"{str(path)!r} was made from a custom model; pass base=YourModel()")
+        if meta.get("fused_bn"):
+            from morphkit.fuse import fuse_bn
+
+            model = fuse_bn(model)
+        state = model.state_dict()
+        problems = [lt.name for lt in layouts if lt.name not in state or tuple(state[lt.name].shape) != lt.shape]
+        problems += [n for n in meta["static"] if n not in state or f"static.{n}" not in tensors
+                     or state[n].shape != tensors[f"static.{n}"].shape]
+        if problems or set(state) != {lt.name for lt in layouts} | set(meta["static"]):
+            raise CheckpointError(f"{str(path)!r} is a manifold for another model: tensors {problems[:4]} "
+                                  "do not match the base architecture; pass the matching base=")
+        inr = build_inr(layouts, config)
+        inr_state = {k[4:]: v for k, v in tensors.items() if k.startswith("inr.")}
+        try:
+            inr.load_state_dict(inr_state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{str(path)!r}: INR weights do not match its config: {e}") from e
+        static = {n: tensors[f"static.{n}"] for n in meta["static"]}
+        perms = {int(k): v for k, v in (meta.get("perms") or {}).items()}
+        return cls(inr, cliques, layouts, static, model, example, config, arch, perms,
+                   info=meta.get("info") or {}, fused_bn=bool(meta.get("fused_bn")))
+
+
+def bn_modules_to_calibrate(net: nn.Module) -> list[nn.Module]:
+    """BatchNorm modules that are not identities (fusion could not fold them)."""
+    out = []
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            identity = (m.running_mean is not None and bool((m.running_mean == 0).all())
+                        and (m.weight is None or bool((m.weight == 1).all())))
+            if not identity:
+                out.append(m)
+    return out
+
+
+@torch.no_grad()
+def recalibrate_bn(net: nn.Module, data: Any, batches: int = 20) -> int:
+    """Recompute running statistics of non-folded BatchNorms on a few batches.
+
+    Returns:
+        The number of BatchNorm modules recalibrated.
+    """
+    bns = bn_modules_to_calibrate(net)
+    if not bns:
+        return 0
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    for i, batch in enumerate(data):
+        if i >= batches:
+            break
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        net(x)
+    for m, (mom, tr) in zip(bns, saved):
+        m.momentum = mom
+        m.train(tr)
+    return len(bns)

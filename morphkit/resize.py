@@ -1,0 +1,173 @@
+"""Resize a model to a width map: a standard module of the same classes, new shapes.
+
+:func:`resize` copies the model, keeps along every clique-indexed dim the
+positions of the channels ``clique.kept(count)`` (the first ``count`` channels,
+or the first ``count / n_blocks`` of every block; every position of a kept
+channel, in order, so flattened feature maps and fused ``qkv`` rows stay
+consistent), and then sets each layer's size attributes from its new tensors
+(``in/out_channels`` and ``groups`` of convolutions, ``in/out_features``,
+``num_features``, ``normalized_shape``, ``num_channels``, and the
+``head_dim``/``attn_dim``/``scale`` of timm-style attention). Which channels
+are kept only fixes the shapes: the values come from the INR. The result is an
+ordinary ``nn.Module`` that runs, saves and loads like the base model, with
+``morphkit_widths`` (the full width map) recorded on it, so that
+``resize(base, inputs, model.morphkit_widths)`` rebuilds exactly its shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from morphkit.clique import Clique, width_map
+from morphkit.errors import UnsupportedModelError
+from morphkit.graph import _eval_mode, _run, as_inputs, copy_with, keep_positions
+
+__all__ = ["resize"]
+
+logger = logging.getLogger(__name__)
+
+
+def resize(model: nn.Module, example_inputs: Any, width: float | dict[int, int],
+           cliques: Sequence[Clique] | None = None, *, check: bool = False) -> nn.Module:
+    """Return a new model with its cliques resized.
+
+    Args:
+        model: The full-width model (not modified).
+        example_inputs: A tensor or tuple of tensors (used to find the cliques
+            when ``cliques`` is None, and for ``check``).
+        width: A float in (0, 1]: every resizable clique keeps
+            ``clique.channels_for(width)`` channels; or ``{clique_id: channels}``
+            (missing ids stay full).
+        cliques: The model's cliques (:func:`~morphkit.graph.find_cliques`);
+            found here when None.
+        check: Run a forward pass on ``example_inputs`` and raise if it fails.
+
+    Returns:
+        A new module of the same classes, with ``morphkit_widths`` =
+        ``{clique_id: channels}`` for every clique, and ``morphkit_arch``
+        copied from the model.
+
+    Raises:
+        ConfigError: a width <= 0, > 1, NaN, not a number; an unknown clique
+            id; a count < 1 or > size; a fixed clique asked to change; a
+            blocked clique's count that is not a multiple of its blocks.
+        UnsupportedModelError: ``check`` and the resized model does not run.
+
+    Example:
+        >>> from morphkit.models import build_model
+        >>> m = build_model("lenet5")
+        >>> small = resize(m, torch.zeros(1, 1, 28, 28), 0.5)
+        >>> small.conv1.out_channels, small.fc1.in_features, small(torch.zeros(2, 1, 28, 28)).shape
+        (3, 200, torch.Size([2, 10]))
+    """
+    if cliques is None:
+        from morphkit.graph import find_cliques
+
+        cliques = find_cliques(model, example_inputs)
+    cliques = list(cliques)
+    widths = width_map(cliques, width)
+    new = _resize_unchecked(model, cliques, widths)
+    new.morphkit_widths = dict(widths)
+    if check:
+        try:
+            with _eval_mode(new):
+                _run(new, as_inputs(example_inputs))
+        except Exception as e:  # noqa: BLE001 - report any failure as unsupported
+            raise UnsupportedModelError(
+                f"the resized {type(model).__name__} does not run ({type(e).__name__}: {e}); "
+                "run find_cliques with check=True to fix the cliques that cannot resize") from e
+    return new
+
+
+def _resize_unchecked(model: nn.Module, cliques: Sequence[Clique], widths: dict[int, int]) -> nn.Module:
+    """Resize without validating the width map (``widths`` may be partial)."""
+    state = model.state_dict(keep_vars=True)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    keep = keep_positions(cliques, widths, shapes)
+    per_key: dict[str, list[tuple[int, Any]]] = {}
+    for (key, dim), pos in keep.items():
+        per_key.setdefault(key, []).append((dim, pos))
+    sliced = {}
+    for key, items in per_key.items():
+        data = state[key].detach()
+        for dim, pos in sorted(items, key=lambda x: x[0]):
+            data = data.index_select(dim, torch.as_tensor(pos, dtype=torch.long, device=data.device))
+        sliced[key] = data.contiguous()
+    new = copy_with(model, sliced)
+    tensorless = _tensorless_sizes(new, cliques, widths)
+    for name, module in new.named_modules():
+        _fix_module(name, module, tensorless)
+    for module in new.modules():  # after the layers: attention reads its projections' new shapes
+        _fix_attention(module)
+    return new
+
+
+def _tensorless_sizes(model: nn.Module, cliques: Sequence[Clique], widths: dict[int, int]) -> dict[str, int]:
+    """New channel counts of norm layers that hold no tensor (no affine, no running stats)."""
+    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm)
+    out: dict[str, int] = {}
+    mods = dict(model.named_modules())
+    for c in cliques:
+        for name in c.modules:
+            m = mods.get(name)
+            if isinstance(m, norms) and not _has_channel_tensor(m):
+                out[name] = out.get(name, 0) + int(widths.get(c.id, c.size))
+    return out
+
+
+def _has_channel_tensor(m: nn.Module) -> bool:
+    return (any(p is not None for p in m._parameters.values())
+            or any(b is not None and b.dim() > 0 for b in m._buffers.values()))
+
+
+def _fix_module(name: str, m: nn.Module, tensorless: dict[str, int]) -> None:
+    """Set a layer's size attributes from its (resized) tensors."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        w = m.weight
+        g = m.groups
+        if m.transposed:
+            m.in_channels, m.out_channels = w.shape[0], w.shape[1] * g
+        elif g > 1 and g == m.in_channels == m.out_channels:  # depthwise: one channel per group
+            m.in_channels = m.out_channels = m.groups = w.shape[0]
+        else:
+            m.out_channels, m.in_channels = w.shape[0], w.shape[1] * g
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        t = m.weight if m.weight is not None else getattr(m, "running_mean", None)
+        m.num_features = t.shape[0] if t is not None else tensorless.get(name, m.num_features)
+    elif isinstance(m, nn.LayerNorm):
+        if len(m.normalized_shape) == 1:
+            n = m.weight.shape[0] if m.weight is not None else tensorless.get(name, m.normalized_shape[0])
+            m.normalized_shape = (int(n),)
+    elif isinstance(m, nn.GroupNorm):
+        m.num_channels = m.weight.shape[0] if m.weight is not None else tensorless.get(name, m.num_channels)
+    elif isinstance(m, nn.PReLU):
+        m.num_parameters = m.weight.numel()
+    elif isinstance(m, nn.Embedding):
+        m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+def _fix_attention(m: nn.Module) -> None:
+    """timm-style attention: ``head_dim``, ``attn_dim`` and ``scale`` from the projections' shapes."""
+    qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 0):
+        return
+    a = proj.in_features
+    if a % heads or qkv.out_features != 3 * a:
+        return
+    hd = a // heads
+    old_hd = getattr(m, "head_dim", None)
+    if isinstance(old_hd, int) and old_hd != hd:
+        scale = getattr(m, "scale", None)
+        if isinstance(scale, float) and math.isclose(scale, old_hd ** -0.5, rel_tol=1e-6):
+            m.scale = hd ** -0.5  # what scaled_dot_product_attention uses for this head size
+        m.head_dim = hd
+    if isinstance(getattr(m, "attn_dim", None), int):
+        m.attn_dim = a
