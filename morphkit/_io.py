@@ -110,7 +110,8 @@ def read_tensors(path: str | Path, expect_format: str | None = None) -> tuple[di
     if not data:
         raise CheckpointError(f"file {str(path)!r} is empty; it was not written completely — write it again")
     try:
-        tensors = st_load(data)
+        # clone: views into the file buffer can be unaligned, which changes BLAS code paths (last-bit drift)
+        tensors = {k: v.clone() for k, v in st_load(data).items()}
         n = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then JSON header
         header = json.loads(data[8:8 + n]).get("__metadata__") or {}
     except (SafetensorError, ValueError, RuntimeError, OSError) as e:

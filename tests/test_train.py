@@ -1,0 +1,128 @@
+"""morph() and Manifold on a tiny MLP with random data (fast), plus bad input."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import morphkit as mk
+from morphkit.errors import CheckpointError, ConfigError, TrainingError
+
+
+def _data(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
+
+
+CFG = mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2, n_freqs=4),
+                     train=mk.TrainConfig(steps=4, eval_compressions=(0.0, 0.5)), samples=3)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model = mk.build_model("mlp?hidden=[24,12]")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    m = mk.morph(model, _data(), example_inputs=torch.zeros(1, 1, 28, 28), config=CFG, eval_data=_data(1, 1),
+                 progress=False)
+    return model, before, m
+
+
+def test_caller_model_untouched(trained):
+    model, before, _ = trained
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sample_is_a_smaller_standard_model(trained):
+    _, _, m = trained
+    full, half = m.sample(1.0), m.sample(0.5)
+    count = mk.export.count_params
+    assert count(half) < count(full)
+    assert half.layers[0].out_features == 12 and half.layers[1].out_features == 6
+    assert half(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert half.morphkit_widths == m.width_map(0.5)
+    assert set(m.info["final"]) == {"0", "0.5"} and "base_metrics" in m.info
+
+
+def test_sampling_is_deterministic_and_averaging_changes_weights(trained):
+    _, _, m = trained
+    a, b = m.predict(0.5, samples=3, seed=1), m.predict(0.5, samples=3, seed=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = m.predict(0.5, samples=1)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_morph_is_deterministic_for_a_seed(trained):
+    model, _, m = trained
+    again = mk.morph(model, _data(), example_inputs=torch.zeros(1, 1, 28, 28), config=CFG, progress=False)
+    for (k, v), w in zip(m.inr.state_dict().items(), again.inr.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_save_load_same_weights_in_a_new_process(trained, tmp_path):
+    _, _, m = trained
+    p = tmp_path / "m.morph.safetensors"
+    m.save(p)
+    live = m.sample(0.5)
+    ref = mk.Manifold.load(p).sample(0.5)
+    for k, v in live.state_dict().items():  # in memory vs reloaded: float32 round-off at most
+        assert torch.allclose(v, ref.state_dict()[k], rtol=1e-5, atol=1e-7), k
+    code = (f"import morphkit as mk, torch; n = mk.Manifold.load({str(p)!r}).sample(0.5); "
+            "print(repr(sum(float(t.double().sum()) for t in n.state_dict().values())))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert float(out.strip()) == sum(float(t.double().sum()) for t in ref.state_dict().values())
+    exported = tmp_path / "w50.safetensors"
+    mk.save_model(ref, exported)
+    net = mk.load_model(exported)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), net.state_dict().values()))
+
+
+@pytest.mark.parametrize("width", [0, -0.5, 1.5, float("nan"), "half", None, {99: 3}, {0: 0}])
+def test_bad_widths(trained, width):
+    with pytest.raises(ConfigError):
+        trained[2].sample(width)
+
+
+def test_bad_samples(trained):
+    with pytest.raises(ConfigError, match="samples"):
+        trained[2].sample(0.5, samples=0)
+
+
+def test_manifold_for_another_model_and_corrupt_files(trained, tmp_path):
+    _, _, m = trained
+    p = tmp_path / "m.safetensors"
+    m.save(p)
+    with pytest.raises(CheckpointError, match="another model"):
+        mk.Manifold.load(p, base=mk.build_model("lenet5"))
+    data = p.read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError):
+        mk.Manifold.load(tmp_path / "t.safetensors")
+    mk.save_model(mk.build_model("lenet5"), tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="manifold"):
+        mk.Manifold.load(tmp_path / "model.safetensors")
+
+
+def test_nan_loss_stops_with_a_clear_error():
+    def nan_loss(model, batch):
+        return model(batch[0]).sum() * float("nan")
+
+    with pytest.raises(TrainingError, match="step 0"):
+        mk.morph(mk.build_model("mlp?hidden=[8,8]"), _data(1), example_inputs=torch.zeros(1, 1, 28, 28),
+                 config=CFG, loss_fn=nan_loss, progress=False)
+
+
+def test_forward_failure_and_bad_inputs():
+    with pytest.raises(mk.UnsupportedModelError, match="forward fails"):
+        mk.morph(mk.build_model("lenet5"), _data(1), example_inputs=torch.zeros(1, 3, 5, 5), config=CFG,
+                 progress=False)
+    with pytest.raises(ConfigError, match="example_inputs"):
+        mk.morph(mk.build_model("lenet5"), _data(1), example_inputs="x", config=CFG, progress=False)
+
+
+def test_pure_inr_option_trains():
+    cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2, n_freqs=4, residual=False),
+                         train=mk.TrainConfig(steps=2), samples=2)
+    m = mk.morph(mk.build_model("mlp?hidden=[8,8]"), _data(2), example_inputs=torch.zeros(1, 1, 28, 28),
+                 config=cfg, progress=False)
+    assert not m.inr.residual and m.sample(0.5)(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
