@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import morphkit as mk
-from morphkit.coords import CoordBuilder, _dims_of, fourier_features, plan_layouts, resize_static
 from morphkit.clique import width_map
+from morphkit.coords import CoordBuilder, _dims_of, fourier_features, plan_layouts, resize_static
 from morphkit.inr import INR, bilinear_rows
 
 
