@@ -14,9 +14,9 @@ import argparse
 import time
 
 import torch
+from _common import DATA, RESULTS, machine, write
 
 import morphkit as mk
-from _common import DATA, RESULTS, machine, write
 from morphkit.data import load_data, make_loaders
 
 COMPRESSIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
