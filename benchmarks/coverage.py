@@ -54,6 +54,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import cpu_model  # noqa: E402
+
 from morphkit.fuse import fuse_bn  # noqa: E402
 from morphkit.graph import find_cliques  # noqa: E402
 from morphkit.models import build_model  # noqa: E402
@@ -245,14 +247,7 @@ def machine() -> dict[str, Any]:
     import timm
     import torch_pruning
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "numba_threads": numba.get_num_threads(),
             "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -57,6 +57,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import cpu_model  # noqa: E402
+
 from morphkit.solver import (  # noqa: E402
     default_restarts,
     nearest_neighbour_path,
@@ -238,14 +240,7 @@ def jit_times() -> dict[str, float]:
 def machine_info(command: str) -> dict[str, object]:
     import numba
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info: dict[str, object] = {
         "cpu": cpu,
         "cores": os.cpu_count(),
