@@ -227,12 +227,22 @@ def cliques(model: str, input_shape: str | None) -> None:
 @click.option("--seed", type=int, default=None, help="Seed (default: the config's).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+              help="Write a resumable checkpoint there (every --checkpoint-every steps, at the end, on Ctrl-C).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Steps between checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue the run in --checkpoint-dir (bit-exact on the CPU).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Manifold file to write.")
 def morph_cmd(model: str, data_spec: str, epochs: int | None, steps: int | None, config_path: str | None,
               batch_size: int, input_shape: str | None, seed: int | None, device: str | None, progress: bool,
-              output: str) -> None:
-    """Learn the weight manifold of MODEL on --data and write it to -o."""
+              checkpoint_dir: str | None, checkpoint_every: int, resume: bool, output: str) -> None:
+    """Learn the weight manifold of MODEL on --data and write it to -o.
+
+    Under `torchrun --nproc-per-node N morphkit morph ...` every process trains
+    on its share of the data and rank 0 alone writes files.
+    """
     import dataclasses
+    import os
 
     from morphkit.config import MorphConfig
     from morphkit.data import load_data, make_loaders
@@ -248,8 +258,18 @@ def morph_cmd(model: str, data_spec: str, epochs: int | None, steps: int | None,
     train_dl, test_dl = make_loaders(splits, batch_size=batch_size, seed=cfg.train.seed)
     x = _example_inputs(net, input_shape)
     t0 = time.perf_counter()
-    manifold = morph(net, train_dl, example_inputs=x, config=cfg, eval_data=test_dl, device=device,
-                     progress=progress and sys.stderr.isatty())
+    try:
+        manifold = morph(net, train_dl, example_inputs=x, config=cfg, eval_data=test_dl, device=device,
+                         progress=progress and sys.stderr.isatty(), checkpoint_dir=checkpoint_dir,
+                         resume=resume, checkpoint_every=checkpoint_every)
+    except KeyboardInterrupt:
+        if checkpoint_dir is None:
+            raise
+        click.echo(f"interrupted; checkpoint written to {checkpoint_dir}; continue with the same command "
+                   "and --resume", err=True)
+        sys.exit(130)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # torchrun: rank 0 writes the manifold
     manifold.save(output)
     click.echo(f"morphed {model} in {time.perf_counter() - t0:.0f} s; wrote {output}")
     base = manifold.info.get("base_metrics")

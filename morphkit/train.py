@@ -20,19 +20,35 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from morphkit.checkpoint import (
+    CHECKPOINT_NAME,
+    TrainState,
+    check_writable,
+    load_checkpoint,
+    optimizer_state,
+    restore_rng,
+    run_fingerprint,
+    save_checkpoint,
+    split_prefix,
+)
 from morphkit.config import MorphConfig
 from morphkit.coords import WidthMap, plan_layouts
-from morphkit.errors import ConfigError, TrainingError, UnsupportedModelError
+from morphkit.errors import CheckpointError, ConfigError, TrainingError, UnsupportedModelError
 from morphkit.fit import classification_loss, evaluate
 from morphkit.inr import INR
 from morphkit.manifold import Manifold, as_inputs, build_inr, predict_tensors
@@ -69,15 +85,22 @@ def _check_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
                                     f"{type(e).__name__}: {e}; pass inputs the model accepts") from e
 
 
-def prepare_base(model: nn.Module, example_inputs: Any, config: MorphConfig) -> tuple[nn.Module, list, dict, bool]:
+def prepare_base(model: nn.Module, example_inputs: Any, config: MorphConfig,
+                 perms: dict[int, Any] | None = None) -> tuple[nn.Module, list, dict, bool]:
     """Copy, fuse BatchNorm, find cliques and smooth: the base the INR learns.
+
+    Args:
+        model: The caller's model (not modified).
+        example_inputs: Inputs for tracing.
+        config: Fusion and smoothing options.
+        perms: Smoothing permutations to apply instead of solving (a resumed run).
 
     Returns:
         ``(base, cliques, perms, fused)``; ``base`` is a new module.
     """
     from morphkit.fuse import fuse_bn
     from morphkit.graph import find_cliques
-    from morphkit.smooth import smooth
+    from morphkit.smooth import apply_permutation, smooth
 
     inputs = as_inputs(example_inputs)
     base = copy.deepcopy(model).cpu().eval()
@@ -92,12 +115,13 @@ def prepare_base(model: nn.Module, example_inputs: Any, config: MorphConfig) -> 
     if not any(not c.fixed for c in cliques):
         raise UnsupportedModelError(f"{type(model).__name__} has no resizable clique (all {len(cliques)} are "
                                     "fixed: see `morphkit cliques`); there is nothing to morph")
-    perms: dict = {}
-    if config.smooth.enabled:
+    if perms is not None:
+        base = apply_permutation(base, cliques, perms) if perms else base
+    elif config.smooth.enabled:
         t0 = time.perf_counter()
         base, perms = smooth(base, inputs, cliques, seed=config.smooth.seed, time_budget=config.smooth.time_budget)
         logger.info("smoothed %d cliques in %.2f s", len(perms), time.perf_counter() - t0)
-    return base.eval(), cliques, perms, bool(config.fuse_bn)
+    return base.eval(), cliques, perms or {}, bool(config.fuse_bn)
 
 
 def draw_widths(cliques: list, low: float, high: float, per_clique: bool, gen: torch.Generator) -> WidthMap:
@@ -109,14 +133,120 @@ def draw_widths(cliques: list, low: float, high: float, per_clique: bool, gen: t
     return {c.id: c.channels_for(width() if per_clique else w) for c in cliques}
 
 
-def _batches(data: Iterable) -> Iterator[Any]:
+def _stream(data: Iterable, state: TrainState, rank: int, world: int) -> Iterator[Any]:
+    """This rank's batches, forever, keeping ``state.epoch``/``state.pos`` at the global data position.
+
+    Batches are dealt in groups of ``world``: rank ``r`` takes the ``r``-th batch
+    of each group and an incomplete last group is dropped, so every rank makes
+    the same number of steps. A restored ``(epoch, pos)`` is replayed with the
+    data's ``set_epoch`` (as :class:`~morphkit.data.Loader` has) and by skipping
+    ``pos`` batches of that pass.
+    """
+    n_batches = len(data) if hasattr(data, "__len__") else None
     while True:
-        empty = True
-        for batch in data:
+        if n_batches is not None and state.pos > 0 and state.pos >= n_batches - (n_batches % world if world > 1 else 0):
+            state.epoch, state.pos = state.epoch + 1, 0
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(state.start_epoch + state.epoch)
+        skip, group, empty = state.pos, [], True
+        for i, batch in enumerate(data):
             empty = False
-            yield batch
+            if i < skip:
+                continue
+            group.append(batch)
+            if len(group) == world:
+                state.pos = i + 1
+                yield group[rank]
+                group = []
         if empty:
             raise ConfigError("train_data yielded no batches; pass a non-empty iterable of (x, y) batches")
+        if skip == 0 and state.pos == 0:
+            raise ConfigError(f"train_data has fewer batches per pass than processes ({world}); "
+                              "use smaller batches or fewer processes")
+        state.epoch, state.pos = state.epoch + 1, 0
+
+
+class _Step(nn.Module):
+    """One training step's loss as a module, so DistributedDataParallel can wrap it.
+
+    Holds the INR (the only trainable part); everything else (the coordinate
+    builder, the reconstruction targets, the teacher) is plain data passed in or
+    kept outside the module tree.
+    """
+
+    def __init__(self, inr: INR, builder: Any, full_table: Any, targets: list[torch.Tensor],
+                 norms: list[torch.Tensor], loss_fn: LossFn, cfg: MorphConfig, teacher: nn.Module | None) -> None:
+        super().__init__()
+        self.inr = inr
+        self._ctx = (builder, full_table, targets, norms, loss_fn, cfg, teacher)  # not submodules
+
+    def forward(self, batch: Any, table: Any, template: nn.Module, static: dict[str, torch.Tensor],
+                which: list[int] | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        builder, full_table, targets, norms, loss_fn, cfg, teacher = self._ctx
+        tc = cfg.train
+        n_pred = len(builder.layouts)
+        pred = predict_tensors(self.inr, builder, table, noise=tc.noise, generator=gen, which=which)
+        if which is not None:
+            with torch.no_grad():
+                chosen = set(which)
+                rest = [i for i in range(n_pred) if i not in chosen]
+                pred.update(predict_tensors(self.inr, builder, table, noise=0.0, which=rest))
+        bound = _Bound(template, {**static, **pred})
+        task = loss_fn(bound, batch)
+        dev = task.device
+        recon = _recon_loss(self.inr, builder, full_table, targets, norms, tc.recon_fraction, tc.noise, gen, dev)
+        loss = task + tc.l1 * recon + tc.l2 * sum(t.pow(2).sum() for t in pred.values())
+        if teacher is not None and isinstance(bound.last_output, torch.Tensor):
+            with torch.no_grad():
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                t_out = teacher(x)
+            loss = loss + tc.distill * F.kl_div(F.log_softmax(bound.last_output, -1), F.softmax(t_out, -1),
+                                                reduction="batchmean")
+        return loss, task.detach(), recon.detach()
+
+
+def _distributed(dev: torch.device) -> tuple[int, int, bool]:
+    """``(rank, world_size, initialised_here)``; joins a ``torchrun`` group when launched by one."""
+    if not dist.is_available():
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+class _Interrupt:
+    """Turns SIGINT into a flag checked between steps (only while a checkpoint directory is set)."""
+
+    def __init__(self, active: bool) -> None:
+        self.hit = False
+        self._old: Any = None
+        self.active = active and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> _Interrupt:
+        if self.active:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.hit:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.hit = True
+        logger.warning("interrupt received: writing a checkpoint after this step (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _any_rank(flag: bool, world: int, dev: torch.device) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def morph(
@@ -129,22 +259,49 @@ def morph(
     eval_data: Iterable | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 100,
 ) -> Manifold:
     """Learn the weight manifold of ``model``.
 
+    Under ``torchrun --nproc-per-node N`` each process joins the group (gloo on
+    CPU, nccl on GPU), draws its own widths and noise (seed + rank), takes every
+    N-th batch, and DistributedDataParallel averages the INR's gradients; an
+    epoch is one pass over the data by all processes together, so ``epochs``
+    means the same data budget at any N. Rank 0 alone writes checkpoints.
+
     Args:
         model: A trained network (never modified).
-        train_data: Iterable of batches (``(x, y)`` for classification).
+        train_data: Iterable of batches (``(x, y)`` for classification). For a
+            bit-exact resume its order must depend only on the pass number, as
+            with :class:`~morphkit.data.Loader` (``set_epoch``) or a list.
         example_inputs: A tensor or tuple of tensors the model accepts (for tracing).
         config: A :class:`MorphConfig` (default settings when None).
         loss_fn: ``loss_fn(model, batch) -> scalar``; default cross-entropy
             (the ELBO for the registry VAE).
         eval_data: Batches for the periodic and final evaluation (optional).
         progress: Show a tqdm bar.
-        device: Where to train (default: CUDA if available, else CPU).
+        device: Where to train (default: CUDA if available, else CPU; under
+            torchrun with CUDA, the process's ``LOCAL_RANK`` GPU).
+        checkpoint_dir: Write ``checkpoint.safetensors`` there every
+            ``checkpoint_every`` steps, at the end, and on Ctrl-C (SIGINT), after
+            which ``KeyboardInterrupt`` is raised. Checked for writability
+            before any work starts.
+        resume: Continue from the checkpoint in ``checkpoint_dir`` (start from
+            step 0 if there is none). The result is bit-identical on the CPU to
+            an uninterrupted run with the same seed.
+        checkpoint_every: Steps between checkpoints.
 
     Returns:
         The :class:`~morphkit.manifold.Manifold`.
+
+    Raises:
+        ConfigError: bad config or data; ``resume`` without ``checkpoint_dir``.
+        CheckpointError: unwritable ``checkpoint_dir``; a checkpoint already
+            there without ``resume``; a checkpoint of a different run.
+        TrainingError: a non-finite loss or gradient (the last checkpoint is kept).
+        UnsupportedModelError: the model cannot be traced or has nothing to morph.
 
     Example:
         >>> import morphkit as mk
@@ -155,24 +312,48 @@ def morph(
     cfg = config or MorphConfig()
     if not isinstance(cfg, MorphConfig):
         raise ConfigError(f"config must be a MorphConfig, got {type(cfg).__name__}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be an int >= 1 (steps), got {checkpoint_every!r}")
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True needs checkpoint_dir (the directory of the run to continue)")
     tc = cfg.train
     from morphkit.fit import default_device
 
     dev = torch.device(device) if device is not None else default_device()
-    torch.manual_seed(tc.seed)
+    rank, world, owns_group = _distributed(dev)
+    if world > 1 and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     inputs = as_inputs(example_inputs)
+    ckpt_path: Path | None = None
+    loaded: tuple[dict, dict] | None = None
+    fingerprint: dict[str, Any] = {}
+    if checkpoint_dir is not None:
+        ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+        if rank == 0:
+            check_writable(checkpoint_dir)
+        fingerprint = run_fingerprint(model, cfg.to_dict(), world)
+        if ckpt_path.is_file():
+            if not resume:
+                raise CheckpointError(f"{str(ckpt_path)!r} already holds a checkpoint; pass resume=True "
+                                      "(--resume) to continue it, or use another checkpoint directory")
+            loaded = load_checkpoint(ckpt_path, fingerprint)
+            logger.info("resuming from %s at step %d", ckpt_path, loaded[1]["state"]["step"])
+        elif resume:
+            logger.info("no checkpoint in %s yet: starting from step 0", checkpoint_dir)
+    torch.manual_seed(tc.seed)
     t_start = time.perf_counter()
-    base, cliques, perms, fused = prepare_base(model, inputs, cfg)
-    state = base.state_dict()
-    layouts, static_names = plan_layouts(cliques, state, {n for n, _ in base.named_parameters()})
+    old_perms = None if loaded is None else {int(k): v for k, v in loaded[1]["perms"].items()}
+    base, cliques, perms, fused = prepare_base(model, inputs, cfg, perms=old_perms)
+    state_dict = base.state_dict()
+    layouts, static_names = plan_layouts(cliques, state_dict, {n for n, _ in base.named_parameters()})
     if not layouts:
         raise UnsupportedModelError("no tensor of this model depends on a resizable clique; nothing to learn")
-    static = {n: state[n].detach().clone() for n in static_names}
+    static = {n: state_dict[n].detach().clone() for n in static_names}
     inr = build_inr(layouts, cfg)
     manifold = Manifold(inr, cliques, layouts, static, base, inputs, cfg, arch_of(model), perms, fused_bn=fused)
     builder = manifold.builder
     if inr.residual:
-        inr.set_grids([builder.grid(k, state[lt.name].detach().float()) for k, lt in enumerate(layouts)])
+        inr.set_grids([builder.grid(k, state_dict[lt.name].detach().float()) for k, lt in enumerate(layouts)])
     if loss_fn is None:
         loss_fn = vae_loss if task_of(model) == "vae" else classification_loss()
     logger.info("morph: %d cliques (%d resizable), %d predicted tensors, %d static, INR %d params",
@@ -182,7 +363,7 @@ def morph(
     # reconstruction targets: the smoothed base tensors as rows of the full-width table
     full = builder.full()
     full_table = builder.table(full)
-    targets = [builder.to_rows(k, full_table, state[lt.name].detach().float()).to(dev)
+    targets = [builder.to_rows(k, full_table, state_dict[lt.name].detach().float()).to(dev)
                for k, lt in enumerate(layouts)]
     norms = [t.pow(2).mean().clamp_min(1e-12) for t in targets]
 
@@ -190,88 +371,125 @@ def morph(
     ema = copy.deepcopy(inr).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    steps = tc.steps or tc.epochs * max(1, len(train_data) if hasattr(train_data, "__len__") else 1)
+    per_pass = len(train_data) // world if hasattr(train_data, "__len__") else 1
+    steps = tc.steps or tc.epochs * max(1, per_pass)
     opt = torch.optim.Adam(inr.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    gen = torch.Generator().manual_seed(tc.seed)
+    gen = torch.Generator().manual_seed(tc.seed + rank)
     teacher = base.to(dev) if tc.distill > 0 else None
+    state = TrainState(start_epoch=int(getattr(train_data, "epoch", 0) or 0))
+    if loaded is not None:
+        tensors, meta = loaded
+        if int(meta["total_steps"]) != steps:
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} is of a {meta['total_steps']}-step run, this "
+                                  f"run has {steps} steps (different data size?); resume with the same data")
+        inr.load_state_dict(split_prefix(tensors, "inr"))
+        ema.load_state_dict(split_prefix(tensors, "ema"))
+        opt.load_state_dict(optimizer_state(tensors, meta))
+        sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
+        gen.set_state(tensors[f"rng.gen.{rank}"])
+        state = TrainState(**meta["state"])
+    step_module = _Step(inr, builder, full_table, targets, norms, loss_fn, cfg, teacher)
+    runner: nn.Module = step_module
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                         find_unused_parameters=tc.tensor_fraction < 1)
+
+    def write_checkpoint() -> None:
+        if ckpt_path is None:
+            return
+        gens = [gen.get_state()]
+        if world > 1:
+            gens = [torch.empty_like(gens[0]) for _ in range(world)]
+            dist.all_gather(gens, gen.get_state().to(dev) if dev.type == "cuda" else gen.get_state())
+            gens = [g.cpu() for g in gens]
+        if rank == 0:
+            save_checkpoint(ckpt_path, inr=inr, ema=ema, optimizer=opt, scheduler=sched, generators=gens,
+                            perms=perms, state=state, total_steps=steps, fingerprint=fingerprint)
+            logger.info("checkpoint at step %d written to %s", state.step, ckpt_path)
+
+    if loaded is not None:
+        restore_rng(*_rng_part(loaded))
     static_cache: dict[tuple, dict[str, torch.Tensor]] = {}
-    history: list[dict[str, float]] = []
-    evals: list[dict[str, Any]] = []
-    data_iter = _batches(train_data)
-    seen, t0 = 0, time.perf_counter()
-    bar = tqdm(range(steps), desc="morph", disable=not progress)
+    data_iter = _stream(train_data, state, rank, world)
     n_pred = len(layouts)
-    for step in bar:
-        batch = next(data_iter)
-        batch = _to(batch, dev)
-        counts = draw_widths(cliques, tc.compression[0], tc.compression[1], tc.per_clique, gen)
-        table = builder.table(counts)
-        template = manifold.template(counts)
-        key = tuple(sorted(counts.items()))
-        if key not in static_cache:
-            static_cache[key] = {n: t.to(dev) for n, t in manifold.static_tensors(counts).items()}
-        which = None
-        if tc.tensor_fraction < 1:
-            k = max(1, round(tc.tensor_fraction * n_pred))
-            which = sorted(torch.randperm(n_pred, generator=gen)[:k].tolist())
-        pred = predict_tensors(inr, builder, table, noise=tc.noise, generator=gen, which=which)
-        if which is not None:
-            with torch.no_grad():
-                rest = [i for i in range(n_pred) if i not in set(which)]
-                pred.update(predict_tensors(inr, builder, table, noise=0.0, which=rest))
-        bound = _Bound(template, {**static_cache[key], **pred})
-        task = loss_fn(bound, batch)
-        loss = task
-        recon = _recon_loss(inr, builder, full_table, targets, norms, tc.recon_fraction, tc.noise, gen, dev)
-        loss = loss + tc.l1 * recon
-        reg = sum(t.pow(2).sum() for t in pred.values())
-        loss = loss + tc.l2 * reg
-        if teacher is not None and isinstance(bound.last_output, torch.Tensor):
-            with torch.no_grad():
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                t_out = teacher(x)
-            loss = loss + tc.distill * F.kl_div(F.log_softmax(bound.last_output, -1), F.softmax(t_out, -1),
-                                                reduction="batchmean")
-        width = sum(counts.values()) / sum(full.values())
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {loss.item()} at step {step} (width map {counts}, mean width "
-                                f"{width:.2f}); lower train.lr or check the data and loss_fn")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(inr.parameters(), tc.grad_clip)
+    t0 = time.perf_counter() - state.train_seconds
+    bar = tqdm(range(state.step, steps), desc="morph", disable=not progress or rank != 0,
+               initial=state.step, total=steps)
+    with _Interrupt(ckpt_path is not None) as interrupt:
+        for step in bar:
+            if _any_rank(interrupt.hit, world, dev):
+                state.train_seconds = time.perf_counter() - t0
+                write_checkpoint()
+                bar.close()
+                raise KeyboardInterrupt(f"morph interrupted at step {step}; checkpoint in {checkpoint_dir}")
+            batch = _to(next(data_iter), dev)
+            counts = draw_widths(cliques, tc.compression[0], tc.compression[1], tc.per_clique, gen)
+            table = builder.table(counts)
+            template = manifold.template(counts)
+            key = tuple(sorted(counts.items()))
+            if key not in static_cache:
+                static_cache[key] = {n: t.to(dev) for n, t in manifold.static_tensors(counts).items()}
+            which = None
+            if tc.tensor_fraction < 1:
+                k = max(1, round(tc.tensor_fraction * n_pred))
+                which = sorted(torch.randperm(n_pred, generator=gen)[:k].tolist())
+            loss, task, recon = runner(batch, table, template, static_cache[key], which, gen)
+            width = sum(counts.values()) / sum(full.values())
+            if _any_rank(not bool(torch.isfinite(loss)), world, dev):
+                raise TrainingError(f"loss became {loss.item()} at step {step} on rank {rank} (width map {counts}, "
+                                    f"mean width {width:.2f}); the last checkpoint is kept; lower train.lr or "
+                                    "check the data and loss_fn")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(inr.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
             if not torch.isfinite(gnorm):
                 raise TrainingError(f"gradient norm became {gnorm.item()} at step {step} (mean width "
-                                    f"{width:.2f}); lower train.lr or train.grad_clip")
-        opt.step()
-        sched.step()
-        _ema_update(ema, inr, tc.ema, step)
-        x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
-        seen += x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else 1
-        rec = {"step": step, "loss": loss.item(), "task": task.item(), "recon": recon.item(), "width": width}
-        if step % 10 == 0 or step == steps - 1:
-            history.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", task=f"{rec['task']:.4f}", width=f"{width:.2f}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        if eval_data is not None and tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < steps:
-            manifold.inr = ema
-            evals.append({"step": step + 1, **_eval_widths(manifold, eval_data, tc.eval_compressions, samples=1)})
-            logger.info("step %d: %s", step + 1, evals[-1])
+                                    f"{width:.2f}); the last checkpoint is kept; lower train.lr or train.grad_clip")
+            opt.step()
+            sched.step()
+            _ema_update(ema, inr, tc.ema, step)
+            x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
+            state.seen += x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else 1
+            state.step = step + 1
+            rec = {"step": step, "loss": loss.item(), "task": task.item(), "recon": recon.item(), "width": width}
+            if step % 10 == 0 or step == steps - 1:
+                state.history.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", task=f"{rec['task']:.4f}", width=f"{width:.2f}",
+                                img_s=f"{world * state.seen / max(1e-9, time.perf_counter() - t0):.0f}")
+            if (eval_data is not None and rank == 0 and tc.eval_every and (step + 1) % tc.eval_every == 0
+                    and step + 1 < steps):
+                manifold.inr = ema
+                state.evals.append({"step": step + 1,
+                                    **_eval_widths(manifold, eval_data, tc.eval_compressions, samples=1)})
+                logger.info("step %d: %s", step + 1, state.evals[-1])
+            if state.step % checkpoint_every == 0 or state.step == steps:
+                state.train_seconds = time.perf_counter() - t0
+                write_checkpoint()
     bar.close()
+    if owns_group:
+        dist.destroy_process_group()
     train_seconds = time.perf_counter() - t0
     manifold.inr = ema.cpu().eval()
     manifold.base = base.cpu().eval()
     manifold._templates.clear()
     info: dict[str, Any] = {"steps": steps, "seconds": round(time.perf_counter() - t_start, 1),
-                            "train_seconds": round(train_seconds, 1), "images_per_s": round(seen / train_seconds, 1),
-                            "history": history[-200:], "evals": evals}
-    if eval_data is not None:
+                            "train_seconds": round(train_seconds, 1), "world_size": world,
+                            "images_per_s": round(world * state.seen / max(train_seconds, 1e-9), 1),
+                            "history": state.history[-200:], "evals": state.evals}
+    if eval_data is not None and rank == 0:
         info["base_metrics"] = evaluate(base, eval_data)
         info["final"] = _eval_widths(manifold, eval_data, tc.eval_compressions, samples=cfg.samples)
         logger.info("final: %s (base %s)", info["final"], info["base_metrics"])
     manifold.info = info
     return manifold
+
+
+def _rng_part(loaded: tuple[dict, dict]) -> tuple[dict, dict]:
+    tensors, meta = loaded
+    return {k: v for k, v in tensors.items() if k.startswith("rng.")}, meta["rng"]
 
 
 def _to(batch: Any, device: torch.device) -> Any:
