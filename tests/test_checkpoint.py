@@ -181,6 +181,7 @@ def _kill_and_resume(tmp_path: Path, seed: int, kill_after_step: int, sig: int, 
     deadline = time.time() + 120
     while _step_of(ckpt / CHECKPOINT_NAME) < kill_after_step and p.poll() is None and time.time() < deadline:
         time.sleep(0.01)
+    assert p.poll() is None, "the run ended before it could be killed:\n" + p.stdout.read().decode()[-3000:]
     os.kill(p.pid, sig)
     rc = p.wait(60)
     if sig == signal.SIGINT:
