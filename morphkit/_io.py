@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from morphkit.errors import CheckpointError
+from morphkit.errors import CheckpointError, ConfigError
 
 __all__ = ["write_tensors", "read_tensors", "atomic_write_bytes", "tensor_digest"]
 
@@ -47,10 +47,15 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
         CheckpointError: when the directory is missing or not writable, or the
             disk is full; the target is left as it was.
     """
-    path = Path(path)
+    path = _as_path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise CheckpointError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist")
+        what = "is a file, not a directory" if parent.exists() else "does not exist"
+        raise CheckpointError(f"cannot write {str(path)!r}: directory {str(parent)!r} {what}; "
+                              "pass a path in an existing directory")
+    if path.is_dir():
+        raise CheckpointError(f"cannot write {str(path)!r}: it is a directory; expected a file path "
+                              "such as DIR/model.safetensors")
     fd, tmp = None, None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
@@ -105,11 +110,16 @@ def read_tensors(path: str | Path, expect_format: str | None = None) -> tuple[di
         CheckpointError: missing, empty, truncated, corrupt (checksum mismatch),
             without morphkit metadata, of another format, or of a newer version.
     """
-    path = Path(path)
+    path = _as_path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is a directory; expected a .safetensors file written by morphkit")
     if not path.is_file():
         raise CheckpointError(f"file {str(path)!r} does not exist (expected a .safetensors file "
                               "written by morphkit)")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {str(path)!r}: {e.strerror or e}") from e
     if not data:
         raise CheckpointError(f"file {str(path)!r} is empty; it was not written completely — write it again")
     try:
@@ -117,7 +127,8 @@ def read_tensors(path: str | Path, expect_format: str | None = None) -> tuple[di
         tensors = {k: v.clone() for k, v in st_load(data).items()}
         n = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then JSON header
         header = json.loads(data[8:8 + n]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+    except (SafetensorError, ValueError, RuntimeError, OSError, TypeError, OverflowError, MemoryError,
+            RecursionError) as e:
         raise CheckpointError(f"file {str(path)!r} is not a readable safetensors file ({e}); it may be "
                               "truncated or corrupt — write it again") from e
     raw = header.get(META_KEY)
@@ -126,10 +137,15 @@ def read_tensors(path: str | Path, expect_format: str | None = None) -> tuple[di
                               "morphkit (use save_model / Manifold.save)")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"file {str(path)!r}: morphkit metadata is not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or not isinstance(meta.get("format"), str):
-        raise CheckpointError(f"file {str(path)!r}: morphkit metadata has no 'format' field")
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or a number too long to convert
+        raise CheckpointError(f"file {str(path)!r}: morphkit metadata is not valid JSON ({str(e)[:100]}); "
+                              "the file is corrupt — write it again") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"file {str(path)!r}: morphkit metadata is a JSON {type(meta).__name__}, expected "
+                              "an object with a 'format' field; the file is corrupt — write it again")
+    if not isinstance(meta.get("format"), str):
+        raise CheckpointError(f"file {str(path)!r}: morphkit metadata has no 'format' string (got "
+                              f"{meta.get('format')!r:.60}); the file is corrupt — write it again")
     if expect_format is not None:
         _check_format(path, meta["format"], expect_format)
     digest = meta.get("sha256")
@@ -139,13 +155,23 @@ def read_tensors(path: str | Path, expect_format: str | None = None) -> tuple[di
     return tensors, meta
 
 
+def _as_path(path: Any) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r:.60}")
+    return Path(path)
+
+
 def _check_format(path: Path, fmt: str, family: str) -> None:
-    from morphkit.formats import FORMAT_VERSIONS
+    from morphkit.formats import FORMAT_VERSIONS, READERS
 
     name, _, ver = fmt.partition("/")
     if name != family:
-        raise CheckpointError(f"file {str(path)!r} is a {name!r} file, expected a {family!r} file")
+        hint = f"; read it with {READERS[name]}" if name in READERS else ""
+        raise CheckpointError(f"file {str(path)!r} is a {name!r:.80} file, expected a {family!r} file{hint}")
     current = FORMAT_VERSIONS[family]
-    if not ver.isdigit() or int(ver) > current:
+    if not (ver.isascii() and ver.isdigit()) or int(ver) < 1:
+        raise CheckpointError(f"file {str(path)!r} has format {fmt!r:.80}, expected {family}/1..{current}; "
+                              "the file is corrupt — write it again")
+    if int(ver) > current:
         raise CheckpointError(f"file {str(path)!r} has format {fmt!r}, newer than this morphkit reads "
                               f"({family}/{current}); upgrade morphkit")

@@ -60,9 +60,14 @@ class Member:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Member:
+        """Inverse of :meth:`to_json`; raises ConfigError on a malformed dict."""
+        _expect(isinstance(d, dict), "clique member", d, "a JSON object")
+        _expect(isinstance(d.get("name"), str), "member name", d.get("name"), "a string")
+        _expect(_is_int(d.get("dim")) and d["dim"] >= 0, "member dim", d.get("dim"), "an int >= 0")
         idx = d.get("index")
-        return cls(name=str(d["name"]), dim=int(d["dim"]),
-                   index=None if idx is None else tuple(int(i) for i in idx))
+        _expect(idx is None or (isinstance(idx, list) and all(_is_int(i) for i in idx)), "member index",
+                idx, "null or a list of ints")
+        return cls(name=d["name"], dim=d["dim"], index=None if idx is None else tuple(idx))
 
 
 @dataclass
@@ -132,11 +137,34 @@ class Clique:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Clique:
-        return cls(id=int(d["id"]), size=int(d["size"]),
-                   members=[Member.from_json(m) for m in d.get("members", [])],
-                   fixed=bool(d.get("fixed", False)), reason=str(d.get("reason", "")),
-                   block=int(d.get("block", 1)), modules=list(d.get("modules", [])),
-                   tied=bool(d.get("tied", False)))
+        """Inverse of :meth:`to_json`; raises ConfigError on a malformed dict."""
+        _expect(isinstance(d, dict), "clique", d, "a JSON object")
+        for key, lo in (("id", 0), ("size", 1)):
+            _expect(_is_int(d.get(key)) and d[key] >= lo, f"clique {key}", d.get(key), f"an int >= {lo}")
+        block = d.get("block", 1)
+        _expect(_is_int(block) and block >= 1 and d["size"] % block == 0, "clique block", block,
+                f"an int >= 1 dividing the size {d['size']}")
+        members, modules = d.get("members", []), d.get("modules", [])
+        _expect(isinstance(members, list), "clique members", members, "a list")
+        _expect(isinstance(modules, list) and all(isinstance(m, str) for m in modules), "clique modules",
+                modules, "a list of strings")
+        for key in ("fixed", "tied"):
+            _expect(isinstance(d.get(key, False), bool), f"clique {key}", d.get(key), "true or false")
+        _expect(isinstance(d.get("reason", ""), str), "clique reason", d.get("reason"), "a string")
+        return cls(id=d["id"], size=d["size"], members=[Member.from_json(m) for m in members],
+                   fixed=d.get("fixed", False), reason=d.get("reason", ""), block=block, modules=list(modules),
+                   tied=d.get("tied", False))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _expect(cond: bool, what: str, got: Any, expected: str) -> None:
+    if not cond:
+        from morphkit.errors import ConfigError
+
+        raise ConfigError(f"{what}: got {got!r:.80}, expected {expected}")
 
 
 def width_map(cliques: list[Clique], width: Any) -> dict[int, int]:
@@ -162,6 +190,9 @@ def width_map(cliques: list[Clique], width: Any) -> dict[int, int]:
         {0: 3, 1: 10}
     """
     import math
+    import numbers
+
+    import numpy as np
 
     from morphkit.errors import ConfigError
 
@@ -178,7 +209,7 @@ def width_map(cliques: list[Clique], width: Any) -> dict[int, int]:
                 raise ConfigError(f"unknown clique id {cid} in the width map; this model has cliques "
                                   f"{sorted(by_id)} (see `morphkit cliques MODEL`)")
             c = by_id[cid]
-            if isinstance(count, bool) or not isinstance(count, (int,)) and not (
+            if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral) and not (
                     isinstance(count, float) and count.is_integer()):
                 raise ConfigError(f"clique {cid}: channel count {count!r} is not an integer")
             count = int(count)
@@ -191,7 +222,7 @@ def width_map(cliques: list[Clique], width: Any) -> dict[int, int]:
                                   f"channel count must be a multiple of {c.n_blocks}, got {count}")
             out[cid] = count
         return out
-    if isinstance(width, bool) or not isinstance(width, (int, float)):
+    if isinstance(width, (bool, np.bool_)) or not isinstance(width, numbers.Real):
         raise ConfigError(f"width must be a number in (0, 1] or a {{clique_id: channels}} map, "
                           f"got {width!r}")
     if not math.isfinite(width) or not 0 < width <= 1:

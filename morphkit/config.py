@@ -20,10 +20,20 @@ __all__ = ["INRConfig", "TrainConfig", "SmoothConfig", "MorphConfig", "CONFIG_VE
 
 CONFIG_VERSION = 1
 
+#: Sanity bounds: larger values are typos (a 16384-wide INR already has 268 M weights per layer).
+MAX_HIDDEN = 16384
+MAX_LAYERS = 256
+MAX_SAMPLES = 100_000
+
 
 def _check(cond: bool, what: str, got: Any, expected: str) -> None:
     if not cond:
-        raise ConfigError(f"{what}: got {got!r}, expected {expected}")
+        raise ConfigError(f"{what}: got {got!r:.200}, expected {expected}")
+
+
+def _is_int(v: Any, lo: int = 0, hi: int = 2**63 - 1) -> bool:
+    """An int (not a bool) in ``[lo, hi]``."""
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
 def _is_num(v: Any) -> bool:
@@ -48,9 +58,9 @@ class INRConfig:
     residual: bool = True
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.hidden, int) and self.hidden >= 1, "inr.hidden", self.hidden, "an int >= 1")
-        _check(isinstance(self.layers, int) and self.layers >= 1, "inr.layers", self.layers, "an int >= 1")
-        _check(isinstance(self.n_freqs, int) and 0 <= self.n_freqs <= 24, "inr.n_freqs", self.n_freqs,
+        _check(_is_int(self.hidden, 1, MAX_HIDDEN), "inr.hidden", self.hidden, f"an int in [1, {MAX_HIDDEN}]")
+        _check(_is_int(self.layers, 1, MAX_LAYERS), "inr.layers", self.layers, f"an int in [1, {MAX_LAYERS}]")
+        _check(_is_int(self.n_freqs, 0, 24), "inr.n_freqs", self.n_freqs,
                "an int in [0, 24] (2^24 * pi is already past float32 resolution)")
         _check(isinstance(self.residual, bool), "inr.residual", self.residual, "true or false")
 
@@ -99,16 +109,19 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.compression = tuple(self.compression)  # type: ignore[assignment]
-        self.eval_compressions = tuple(self.eval_compressions)
-        _check(isinstance(self.epochs, int) and self.epochs >= 1, "train.epochs", self.epochs, "an int >= 1")
-        _check(self.steps is None or (isinstance(self.steps, int) and self.steps >= 1),
+        if isinstance(self.compression, (list, tuple)):
+            self.compression = tuple(self.compression)  # type: ignore[assignment]
+        if isinstance(self.eval_compressions, (list, tuple)):
+            self.eval_compressions = tuple(self.eval_compressions)
+        _check(_is_int(self.epochs, 1), "train.epochs", self.epochs, "an int >= 1")
+        _check(self.steps is None or _is_int(self.steps, 1),
                "train.steps", self.steps, "null or an int >= 1")
         _check(_is_num(self.lr) and self.lr > 0, "train.lr", self.lr, "a finite float > 0")
         _check(_is_num(self.weight_decay) and self.weight_decay >= 0, "train.weight_decay",
                self.weight_decay, "a finite float >= 0")
         lo_hi = self.compression
-        _check(len(lo_hi) == 2 and all(_is_num(v) for v in lo_hi) and 0 <= lo_hi[0] <= lo_hi[1] < 1,
+        _check(isinstance(lo_hi, tuple) and len(lo_hi) == 2 and all(_is_num(v) for v in lo_hi)
+               and 0 <= lo_hi[0] <= lo_hi[1] < 1,
                "train.compression", lo_hi, "[low, high] with 0 <= low <= high < 1")
         _check(isinstance(self.per_clique, bool), "train.per_clique", self.per_clique, "true or false")
         for name in ("noise", "l1", "l2", "distill", "grad_clip"):
@@ -118,11 +131,12 @@ class TrainConfig:
         for name in ("tensor_fraction", "recon_fraction"):
             v = getattr(self, name)
             _check(_is_num(v) and 0 < v <= 1, f"train.{name}", v, "a float in (0, 1]")
-        _check(isinstance(self.eval_every, int) and self.eval_every >= 0, "train.eval_every",
+        _check(_is_int(self.eval_every), "train.eval_every",
                self.eval_every, "an int >= 0")
-        _check(all(_is_num(c) and 0 <= c < 1 for c in self.eval_compressions), "train.eval_compressions",
-               self.eval_compressions, "compressions in [0, 1)")
-        _check(isinstance(self.seed, int) and self.seed >= 0, "train.seed", self.seed, "an int >= 0")
+        _check(isinstance(self.eval_compressions, tuple) and all(_is_num(c) and 0 <= c < 1
+                                                                 for c in self.eval_compressions),
+               "train.eval_compressions", self.eval_compressions, "a list of compressions in [0, 1)")
+        _check(_is_int(self.seed), "train.seed", self.seed, "an int in [0, 2**63)")
 
 
 @dataclass
@@ -143,7 +157,7 @@ class SmoothConfig:
         _check(isinstance(self.enabled, bool), "smooth.enabled", self.enabled, "true or false")
         _check(self.time_budget is None or (_is_num(self.time_budget) and self.time_budget > 0),
                "smooth.time_budget", self.time_budget, "null or seconds > 0")
-        _check(isinstance(self.seed, int) and self.seed >= 0, "smooth.seed", self.seed, "an int >= 0")
+        _check(_is_int(self.seed), "smooth.seed", self.seed, "an int in [0, 2**63)")
 
 
 @dataclass
@@ -173,7 +187,7 @@ class MorphConfig:
         for name, cls in (("inr", INRConfig), ("train", TrainConfig), ("smooth", SmoothConfig)):
             _check(isinstance(getattr(self, name), cls), name, type(getattr(self, name)).__name__, cls.__name__)
         _check(isinstance(self.fuse_bn, bool), "fuse_bn", self.fuse_bn, "true or false")
-        _check(isinstance(self.samples, int) and self.samples >= 1, "samples", self.samples, "an int >= 1")
+        _check(_is_int(self.samples, 1, MAX_SAMPLES), "samples", self.samples, f"an int in [1, {MAX_SAMPLES}]")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with a ``version`` key."""
@@ -190,7 +204,7 @@ class MorphConfig:
             raise ConfigError(f"config: got {type(d).__name__}, expected a JSON object")
         d = dict(d)
         version = d.pop("version", CONFIG_VERSION)
-        if not isinstance(version, int) or version > CONFIG_VERSION or version < 1:
+        if not _is_int(version, 1) or version > CONFIG_VERSION:
             raise ConfigError(f"config version {version!r} is not supported (this morphkit reads "
                               f"versions 1..{CONFIG_VERSION}); upgrade morphkit")
         subs = {"inr": INRConfig, "train": TrainConfig, "smooth": SmoothConfig}
@@ -217,14 +231,21 @@ class MorphConfig:
         """Parse JSON text (see :meth:`from_dict`)."""
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config is not valid JSON: {e}") from e
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, or a number too long to convert
+            raise ConfigError(f"config is not valid JSON ({e}); expected an object such as "
+                              '{"train": {"epochs": 5}}') from e
         return cls.from_dict(data)
 
     @classmethod
     def load(cls, path: str | Path) -> MorphConfig:
         """Read a JSON config file."""
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {str(p)!r} is a directory; expected a JSON file")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; write one with MorphConfig().to_json()")
-        return cls.from_json(p.read_text())
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(p)!r} cannot be read as UTF-8 JSON text: {e}") from e
+        return cls.from_json(text)

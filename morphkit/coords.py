@@ -101,7 +101,10 @@ def _multiplicity(index: tuple[int, ...] | None, size: int, length: int) -> int 
     """Positions per channel when uniform, else None."""
     if index is None:
         return 1 if length == size else None
-    counts = np.bincount(np.asarray(index, dtype=np.int64), minlength=size)
+    idx = np.asarray(index, dtype=np.int64)
+    if idx.size == 0 or idx.min() < 0:  # positions of another clique (torch.cat): not a uniform map
+        return None
+    counts = np.bincount(idx, minlength=size)
     return int(counts[0]) if counts.size == size and (counts == counts[0]).all() and counts[0] > 0 else None
 
 

@@ -489,14 +489,20 @@ def load_data(
         >>> splits.train.images.shape
         torch.Size([50000, 3, 32, 32])
     """
-    text = os.fspath(spec).strip()
+    if not isinstance(spec, (str, os.PathLike)):
+        raise DataError(f"data spec must be a string such as 'mnist:DIR', got {spec!r:.60} ({type(spec).__name__}); "
+                        f"expected one of: {', '.join(SCHEMES)}")
+    text = os.fspath(spec)
+    if not isinstance(text, str):
+        raise DataError(f"data spec must be a string such as 'mnist:DIR', got {text!r:.60}")
+    text = text.strip()
     scheme, sep, rest = text.partition(":")
     scheme = scheme.lower()
     if text.lower() == "embedded" or (scheme == "mnist" and rest.strip().lower() == "embedded"):
         return load_embedded_mnist()
     if not sep or scheme not in ("mnist", "cifar10", "imagefolder"):
         guess = ""
-        if Path(text).expanduser().exists():
+        if text and Path(text).expanduser().exists():
             guess = (
                 f" (it looks like a path: did you mean mnist:{text}, cifar10:{text} or imagefolder:{text}?)"
             )

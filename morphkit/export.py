@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,11 @@ from torch import nn
 
 from morphkit import __version__
 from morphkit._io import read_tensors, write_tensors
-from morphkit.errors import CheckpointError, MorphkitError
+from morphkit.errors import CheckpointError, ConfigError, MorphkitError
 from morphkit.formats import MODEL_FORMAT, format_tag
-from morphkit.models import arch_of, build_from_arch
+from morphkit.models import arch_of, build_from_arch, check_arch
 
-__all__ = ["save_model", "load_model", "model_info", "count_params"]
+__all__ = ["save_model", "load_model", "model_info", "count_params", "check_model_meta", "rebuild_base"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +71,132 @@ def save_model(model: nn.Module, path: str | Path, **metadata: Any) -> None:
     logger.info("wrote %s (%d params)", path, meta["params"])
 
 
+#: A base rebuilt from a file's ``arch`` may be this many times larger than the file's tensors
+#: (a model resized to 1/64 width), or up to ``MAX_FREE_ELEMENTS``; more means a corrupt ``arch``.
+MAX_BASE_RATIO = 4096
+MAX_FREE_ELEMENTS = 1 << 28
+
+
 def model_info(path: str | Path) -> dict[str, Any]:
     """Read a model file's metadata without building the model.
 
     Returns:
         The metadata dict (``format``, ``arch``, ``widths``, ``shapes``, ``params``, ...).
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt file, a file of another
+            format or newer version, or malformed metadata.
     """
     _, meta = read_tensors(path, expect_format=MODEL_FORMAT)
+    check_model_meta(meta, path)
     return meta
+
+
+def check_model_meta(meta: dict[str, Any], path: str | Path) -> None:
+    """Check the types of a model file's metadata fields (``format`` is checked on read).
+
+    Raises:
+        CheckpointError: a field of the wrong type or value, naming it.
+    """
+    def bad(field: str, expected: str) -> CheckpointError:
+        return CheckpointError(f"{str(path)!r}: metadata field {field!r} is {meta.get(field)!r:.100}, expected "
+                               f"{expected}; the file is corrupt or was edited — write it again")
+
+    arch = meta.get("arch")
+    if arch is not None:
+        try:
+            check_arch(arch)
+        except MorphkitError as e:
+            raise CheckpointError(f"{str(path)!r}: metadata field 'arch' is malformed: {e}") from e
+    widths = meta.get("widths")
+    if widths is not None and not (isinstance(widths, dict) and all(
+            _is_int_key(k) and _is_int(v) and v >= 1 for k, v in widths.items())):
+        raise bad("widths", "null or {clique_id: channels >= 1}")
+    shapes = meta.get("shapes")
+    if shapes is not None and not (isinstance(shapes, dict) and all(
+            isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v) for v in shapes.values())):
+        raise bad("shapes", "{key: [dims >= 0]}")
+    for field, kind, expected in (("fused_bn", bool, "true or false"), ("user", dict, "a JSON object"),
+                                  ("class", str, "a string"), ("morphkit_version", str, "a string")):
+        if meta.get(field) is not None and not isinstance(meta[field], kind):
+            raise bad(field, expected)
+    if meta.get("params") is not None and not (_is_int(meta["params"]) and meta["params"] >= 0):
+        raise bad("params", "an int >= 0")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_int_key(k: str) -> bool:
+    return k.isascii() and k.lstrip("-").isdigit()
+
+
+def rebuild_base(arch: dict[str, Any], path: str | Path, shapes: dict[str, tuple[int, ...]], *,
+                 exact: bool) -> nn.Module:
+    """Build the base model a file's ``arch`` describes, checking it against the file's tensors.
+
+    When ``arch`` has constructor arguments (which could ask for any size), the
+    model is first built on the meta device (no memory) and compared with the
+    file: the same keys, and shapes equal (``exact``) or no larger (a resized
+    model), and no more than ``MAX_BASE_RATIO`` times the file's size.
+
+    Args:
+        arch: The file's ``arch`` (already type-checked).
+        path: The file (for messages).
+        shapes: ``{state_dict key: shape}`` the base must match.
+        exact: Shapes must be equal (a base model, a manifold) rather than no larger.
+
+    Raises:
+        CheckpointError: the architecture cannot be built or does not fit the file.
+    """
+    if arch.get("kwargs"):
+        try:
+            with torch.device("meta"):
+                probe = build_from_arch(arch)
+        except Exception:  # noqa: BLE001 - some constructors cannot run on the meta device; built below
+            probe = None
+        if probe is not None:
+            _check_fits({k: tuple(v.shape) for k, v in probe.state_dict().items()}, shapes, path, exact)
+    try:
+        return build_from_arch(arch)
+    except MorphkitError as e:
+        raise CheckpointError(f"{str(path)!r}: cannot rebuild its architecture: {e}") from e
+
+
+def _check_fits(state: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], path: str | Path,
+                exact: bool) -> None:
+    missing = sorted(set(state) - set(shapes))
+    unexpected = sorted(set(shapes) - set(state))
+
+    def differs(k: str) -> bool:
+        if exact:
+            return tuple(state[k]) != tuple(shapes[k])
+        return len(state[k]) != len(shapes[k]) or any(f > b for f, b in zip(shapes[k], state[k]))
+
+    wrong = sorted(k for k in set(state) & set(shapes) if differs(k))
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{str(path)!r} does not fit the architecture it names "
+                              f"({_mismatch(missing, unexpected, wrong, shapes, state)}); the file is corrupt, "
+                              "or pass the matching base=")
+    base_n = sum(math.prod(s) for s in state.values())
+    file_n = sum(math.prod(s) for s in shapes.values())
+    if base_n > max(MAX_FREE_ELEMENTS, MAX_BASE_RATIO * file_n):
+        raise CheckpointError(f"{str(path)!r}: its architecture would hold {base_n:,} values for {file_n:,} in the "
+                              "file; its 'arch' metadata is corrupt (pass base= to rebuild it yourself)")
+
+
+def _mismatch(missing: list[str], unexpected: list[str], wrong: list[str], file: dict[str, Any],
+              model: dict[str, Any]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} shape mismatches, e.g. {k}: file {tuple(file[k])} vs model {tuple(model[k])}")
+    return "; ".join(parts)
 
 
 def load_model(path: str | Path, base: nn.Module | None = None) -> nn.Module:
@@ -95,18 +214,21 @@ def load_model(path: str | Path, base: nn.Module | None = None) -> nn.Module:
     Raises:
         CheckpointError: missing, truncated or corrupt file, a file of another
             format or newer version, or weights that do not fit the architecture.
+        ConfigError: ``base`` is not an ``nn.Module``.
     """
+    if base is not None and not isinstance(base, nn.Module):
+        raise ConfigError(f"base must be an nn.Module instance (a fresh model of the base architecture), "
+                          f"got {type(base).__name__}")
     tensors, meta = read_tensors(path, expect_format=MODEL_FORMAT)
+    check_model_meta(meta, path)
     arch = meta.get("arch")
+    widths = {int(k): v for k, v in meta["widths"].items()} if meta.get("widths") else None
     if base is not None:
         model = copy.deepcopy(base)
         if arch and arch_of(model) is None:
             model.morphkit_arch = arch
     elif arch:
-        try:
-            model = build_from_arch(arch)
-        except MorphkitError as e:
-            raise CheckpointError(f"{str(path)!r}: cannot rebuild its architecture: {e}") from e
+        model = rebuild_base(arch, path, {k: tuple(v.shape) for k, v in tensors.items()}, exact=widths is None)
     else:
         raise CheckpointError(
             f"{str(path)!r} holds a {meta.get('class', 'custom')} model that morphkit cannot rebuild "
@@ -115,25 +237,24 @@ def load_model(path: str | Path, base: nn.Module | None = None) -> nn.Module:
         from morphkit.fuse import fuse_bn
 
         model = fuse_bn(model)
-    widths = meta.get("widths")
-    shapes = meta.get("shapes") or {k: list(v.shape) for k, v in tensors.items()}
-    if widths and _shapes_differ(model, shapes):
+    if widths and _shapes_differ(model, tensors):
         from morphkit.models import example_inputs_for
         from morphkit.resize import resize
 
         try:
-            model = resize(model, example_inputs_for(model), {int(k): int(v) for k, v in widths.items()})
+            model = resize(model, example_inputs_for(model), widths)
         except MorphkitError as e:
-            raise CheckpointError(f"{str(path)!r}: its width map does not fit this architecture: {e}") from e
+            raise CheckpointError(f"{str(path)!r}: cannot resize its architecture to the recorded width map "
+                                  f"{widths}: {e}; is it a file for another model? pass the matching base=") from e
     _load_strict(model, tensors, path)
     if widths:
-        model.morphkit_widths = {int(k): int(v) for k, v in widths.items()}
+        model.morphkit_widths = widths
     return model.eval()
 
 
-def _shapes_differ(model: nn.Module, shapes: dict[str, list[int]]) -> bool:
+def _shapes_differ(model: nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
     state = model.state_dict()
-    return any(k in state and list(state[k].shape) != list(s) for k, s in shapes.items())
+    return any(k in state and state[k].shape != t.shape for k, t in tensors.items())
 
 
 def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -142,15 +263,17 @@ def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path: str |
     unexpected = sorted(set(tensors) - set(state))
     wrong = sorted(k for k in set(state) & set(tensors) if state[k].shape != tensors[k].shape)
     if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches, e.g. {k}: file {tuple(tensors[k].shape)} vs "
-                         f"model {tuple(state[k].shape)}")
-        raise CheckpointError(f"{str(path)!r} does not fit the model it describes ({'; '.join(parts)}); "
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise CheckpointError(f"{str(path)!r} does not fit the model it describes "
+                              f"({_mismatch(missing, unexpected, wrong, shapes, state)}); "
                               "is it a file for another model? pass the matching base=")
-    model.load_state_dict(tensors, strict=True)
+    kinds = sorted(k for k in state if state[k].is_floating_point() != tensors[k].is_floating_point()
+                   or state[k].is_complex() != tensors[k].is_complex())
+    if kinds:
+        k = kinds[0]
+        raise CheckpointError(f"{str(path)!r}: tensor {k!r} is {tensors[k].dtype} in the file but "
+                              f"{state[k].dtype} in the model; the file is corrupt — write it again")
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r}: its weights cannot be loaded into the model: {e}") from e

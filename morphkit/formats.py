@@ -6,6 +6,10 @@ CHECKPOINT_FORMAT = "morphkit.checkpoint"
 
 FORMAT_VERSIONS = {MODEL_FORMAT: 1, MANIFOLD_FORMAT: 1, CHECKPOINT_FORMAT: 1}
 
+#: What reads each family (for "wrong kind of file" messages).
+READERS = {MODEL_FORMAT: "morphkit.load_model()", MANIFOLD_FORMAT: "morphkit.Manifold.load()",
+           CHECKPOINT_FORMAT: "morph(..., checkpoint_dir=DIR, resume=True)"}
+
 
 def format_tag(family: str) -> str:
     """``"morphkit.model/1"`` for the model family, and so on."""

@@ -83,6 +83,12 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
                       f"{type(example_inputs).__name__}")
 
 
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, shortened."""
+    text = str(e).strip().splitlines()
+    return (text[0] if text else "")[:limit]
+
+
 def _flatten_tensors(obj: Any) -> list[torch.Tensor]:
     """Every tensor in a (nested) model output, in order."""
     if isinstance(obj, torch.Tensor):
@@ -728,8 +734,18 @@ def _trace_cliques(work: nn.Module, inputs: tuple[Any, ...],
             dg.build_dependency(work, example_inputs=tuple(traced), output_transform=capture,
                                 unwrapped_parameters=unwrapped, verbose=False)
     except Exception as e:  # tracing runs arbitrary user code
-        raise UnsupportedModelError(f"cannot trace {type(work).__name__} with inputs of shapes "
-                                    f"{[tuple(getattr(t, 'shape', ())) for t in inputs]}: {e}") from e
+        shapes = [tuple(getattr(t, "shape", ())) for t in inputs]
+        try:
+            with torch.no_grad():
+                work(*inputs)
+        except Exception as fwd:  # noqa: BLE001 - the model itself rejects these inputs
+            raise UnsupportedModelError(
+                f"{type(work).__name__}'s forward fails on example_inputs of shapes {shapes} "
+                f"({type(fwd).__name__}: {_first_line(fwd)}); pass inputs the model accepts, e.g. a batch "
+                "shaped like its training data") from fwd
+        raise UnsupportedModelError(f"cannot trace {type(work).__name__} with inputs of shapes {shapes} "
+                                    f"({type(e).__name__}: {_first_line(e)}); its forward runs, but "
+                                    "torch-pruning's tracer cannot follow it") from e
     names = {id(m): n for n, m in work.named_modules()}
     h = _tp_handlers()
     input_ids = {id(p) for p in input_params}

@@ -262,64 +262,221 @@ class Manifold:
     def load(cls, path: str | Path, base: nn.Module | None = None) -> Manifold:
         """Read a manifold file.
 
+        Every field is checked before anything is built: the cliques and
+        layouts must fit the base model's tensors, the INR's weights its
+        config, so a file that loads also samples.
+
         Args:
             path: A file written by :meth:`save`.
             base: A fresh instance of the base architecture, for models
                 morphkit cannot rebuild from the file's ``arch`` (your own classes).
 
         Raises:
-            CheckpointError: missing, truncated, corrupt, newer-format file, or
-                one whose tensors do not fit the base architecture.
+            CheckpointError: missing, truncated, corrupt, newer-format file, one
+                with malformed metadata, or one whose tensors do not fit the base
+                architecture.
+            ConfigError: ``base`` is not an ``nn.Module``.
         """
+        from morphkit.export import rebuild_base
+
+        if base is not None and not isinstance(base, nn.Module):
+            raise ConfigError(f"base must be an nn.Module instance (a fresh model of the base architecture), "
+                              f"got {type(base).__name__}")
         tensors, meta = read_tensors(path, expect_format=MANIFOLD_FORMAT)
         try:
-            config = MorphConfig.from_dict(meta["config"])
-            cliques = [Clique.from_json(c) for c in meta["cliques"]]
-            members = {(m.name, m.dim): m for c in cliques for m in c.members}
-            layouts = []
-            for d in meta["layouts"]:
-                rows = tuple(DimSpec(r["dim"], r["clique"], members[(d["name"], r["dim"])].index,
-                                     r["multiplicity"], r["size"], r["resizable"]) for r in d["rows"])
-                layouts.append(TensorLayout(d["name"], tuple(d["shape"]), rows, d["layer"], d["role"],
-                                            float(d["scale"])))
-            shapes, dtypes = meta["input_shapes"], meta["input_dtypes"]
-            gen = torch.Generator().manual_seed(0)
-            example = tuple(torch.randn(*s, generator=gen).to(getattr(torch, dt)) for s, dt in zip(shapes, dtypes))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{str(path)!r}: manifold metadata is incomplete or malformed ({e!r})") from e
-        arch = meta.get("arch")
+            p = _parse_meta(meta, tensors)
+        except (MorphkitError, KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+            raise CheckpointError(f"{str(path)!r}: manifold metadata is incomplete or malformed "
+                                  f"({_brief(e)}); the file is corrupt or was edited — write it again") from e
+        expected = {lt.name: lt.shape for lt in p["layouts"]}
+        expected.update({n: tuple(tensors[f"static.{n}"].shape) for n in p["static"]})
         if base is not None:
             model = copy.deepcopy(base)
-        elif arch:
-            from morphkit.models import build_from_arch
-
-            try:
-                model = build_from_arch(arch)
-            except MorphkitError as e:
-                raise CheckpointError(f"{str(path)!r}: cannot rebuild its base model: {e}") from e
+        elif p["arch"]:
+            model = rebuild_base(p["arch"], path, expected, exact=True)
         else:
             raise CheckpointError(f"{str(path)!r} was made from a custom model; pass base=YourModel()")
-        if meta.get("fused_bn"):
+        full = model.state_dict()
+        state = {k: tuple(v.shape) for k, v in full.items()}
+        problems = [n for n, s in expected.items() if state.get(n) != s]
+        problems += sorted(set(state) - set(expected))
+        problems += [n for n in p["static"] if n in full and (
+            full[n].is_floating_point() != tensors[f"static.{n}"].is_floating_point()
+            or full[n].is_complex() != tensors[f"static.{n}"].is_complex())]
+        if problems:
+            raise CheckpointError(f"{str(path)!r} is a manifold for another model: tensors {problems[:4]} "
+                                  "do not match the base architecture; pass the matching base=")
+        try:
+            _check_structure(p["cliques"], p["layouts"], state)
+        except ValueError as e:
+            raise CheckpointError(f"{str(path)!r}: its cliques do not fit the base model ({e}); the file is "
+                                  "corrupt or was edited — write it again") from e
+        if p["fused_bn"]:
             from morphkit.fuse import fuse_bn
 
             model = fuse_bn(model)
-        state = model.state_dict()
-        problems = [lt.name for lt in layouts if lt.name not in state or tuple(state[lt.name].shape) != lt.shape]
-        problems += [n for n in meta["static"] if n not in state or f"static.{n}" not in tensors
-                     or state[n].shape != tensors[f"static.{n}"].shape]
-        if problems or set(state) != {lt.name for lt in layouts} | set(meta["static"]):
-            raise CheckpointError(f"{str(path)!r} is a manifold for another model: tensors {problems[:4]} "
-                                  "do not match the base architecture; pass the matching base=")
-        inr = build_inr(layouts, config)
-        inr_state = {k[4:]: v for k, v in tensors.items() if k.startswith("inr.")}
-        try:
-            inr.load_state_dict(inr_state, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{str(path)!r}: INR weights do not match its config: {e}") from e
-        static = {n: tensors[f"static.{n}"] for n in meta["static"]}
-        perms = {int(k): v for k, v in (meta.get("perms") or {}).items()}
-        return cls(inr, cliques, layouts, static, model, example, config, arch, perms,
-                   info=meta.get("info") or {}, fused_bn=bool(meta.get("fused_bn")))
+        inr = _load_inr(p["layouts"], p["config"], tensors, path)
+        static = {n: tensors[f"static.{n}"] for n in p["static"]}
+        return cls(inr, p["cliques"], p["layouts"], static, model, p["example"], p["config"], p["arch"],
+                   p["perms"], info=p["info"], fused_bn=p["fused_bn"])
+
+
+# ------------------------------------------------------------------ reading files
+
+#: dtypes an example input may have in a manifold file.
+INPUT_DTYPES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+def _brief(e: BaseException) -> str:
+    text = str(e) if isinstance(e, MorphkitError) else f"{type(e).__name__}: {e}"
+    return text[:300]
+
+
+def _need(cond: bool, what: str, got: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"{what}: got {got!r:.80}, expected {expected}")
+
+
+def _is_int(v: Any, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _parse_meta(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Every field of a manifold's metadata, type-checked (ConfigError / KeyError / TypeError on failure)."""
+    from morphkit.models import MAX_INPUT_ELEMENTS, check_arch
+
+    for key in ("config", "cliques", "layouts", "static", "input_shapes", "input_dtypes"):
+        _need(key in meta, "field", key, "present (the file lacks it)")
+    config = MorphConfig.from_dict(meta["config"])
+    _need(isinstance(meta["cliques"], list), "cliques", meta["cliques"], "a list")
+    cliques = [Clique.from_json(c) for c in meta["cliques"]]
+    ids = [c.id for c in cliques]
+    _need(len(set(ids)) == len(ids), "clique ids", ids, "unique ids")
+    members = {(m.name, m.dim): m for c in cliques for m in c.members}
+    _need(isinstance(meta["layouts"], list), "layouts", meta["layouts"], "a list")
+    layouts = [_layout_from_json(d, members) for d in meta["layouts"]]
+    names = [lt.name for lt in layouts]
+    _need(len(set(names)) == len(names), "layout names", names, "unique tensor names")
+    static = meta["static"]
+    _need(isinstance(static, list) and all(isinstance(n, str) for n in static) and len(set(static)) == len(static)
+          and not set(static) & set(names), "static", static, "unique tensor names, none of them predicted")
+    missing = [n for n in static if f"static.{n}" not in tensors]
+    _need(not missing, "static tensors", missing, "stored in the file as static.NAME")
+    known = {f"static.{n}" for n in static}
+    stray = sorted(k for k in tensors if k not in known and not k.startswith("inr."))
+    _need(not stray, "tensors", stray, "only inr.* and the listed static.* tensors")
+    sizes = {c.id: c.size for c in cliques}
+    perms_raw = meta.get("perms") or {}
+    _need(isinstance(perms_raw, dict), "perms", perms_raw, "{clique_id: permutation}")
+    perms = {}
+    for k, v in perms_raw.items():
+        cid = int(k) if k.isascii() and k.isdigit() else None
+        _need(cid in sizes, "perms key", k, f"a clique id from {sorted(sizes)}")
+        _need(isinstance(v, list) and all(_is_int(i) for i in v) and sorted(v) == list(range(sizes[cid])),
+              f"perms[{k}]", v, f"a permutation of range({sizes[cid]})")
+        perms[cid] = v
+    shapes, dtypes = meta["input_shapes"], meta["input_dtypes"]
+    _need(isinstance(shapes, list) and isinstance(dtypes, list) and 1 <= len(shapes) == len(dtypes) <= 16,
+          "input_shapes / input_dtypes", (shapes, dtypes), "two lists of the same length (1 to 16)")
+    for s, dt in zip(shapes, dtypes):
+        _need(isinstance(s, list) and 1 <= len(s) <= 8 and all(_is_int(d, 1) for d in s)
+              and math.prod(s) <= MAX_INPUT_ELEMENTS, "input shape", s,
+              f"1 to 8 positive ints, at most {MAX_INPUT_ELEMENTS} elements")
+        _need(dt in INPUT_DTYPES, "input dtype", dt, f"one of {sorted(INPUT_DTYPES)}")
+    gen = torch.Generator().manual_seed(0)
+    example = tuple(torch.randn(*s, generator=gen).to(getattr(torch, dt)) for s, dt in zip(shapes, dtypes))
+    arch = meta.get("arch")
+    if arch is not None:
+        check_arch(arch)
+    info = meta.get("info") or {}
+    _need(isinstance(info, dict), "info", info, "a JSON object")
+    fused = meta.get("fused_bn", False)
+    _need(isinstance(fused, bool), "fused_bn", fused, "true or false")
+    return {"config": config, "cliques": cliques, "layouts": layouts, "static": static, "perms": perms,
+            "example": example, "arch": arch, "info": info, "fused_bn": fused}
+
+
+def _layout_from_json(d: Any, members: dict[tuple[str, int], Any]) -> TensorLayout:
+    _need(isinstance(d, dict), "layout", d, "a JSON object")
+    name, shape, rows = d.get("name"), d.get("shape"), d.get("rows")
+    _need(isinstance(name, str), "layout name", name, "a string")
+    _need(isinstance(shape, list) and len(shape) <= 8 and all(_is_int(s) for s in shape), f"layout {name} shape",
+          shape, "a list of ints >= 0")
+    for key in ("layer", "role"):
+        _need(_is_int(d.get(key)), f"layout {name} {key}", d.get(key), "an int >= 0")
+    scale = d.get("scale")
+    _need(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0,
+          f"layout {name} scale", scale, "a finite float > 0")
+    _need(isinstance(rows, list) and 1 <= len(rows) <= 2, f"layout {name} rows", rows, "a list of 1 or 2 dims")
+    specs = []
+    for r in rows:
+        _need(isinstance(r, dict), f"layout {name} row", r, "a JSON object")
+        for key, lo in (("dim", 0), ("clique", 0), ("multiplicity", 1), ("size", 1)):
+            _need(_is_int(r.get(key), lo), f"layout {name} row {key}", r.get(key), f"an int >= {lo}")
+        _need(isinstance(r.get("resizable"), bool), f"layout {name} row resizable", r.get("resizable"),
+              "true or false")
+        m = members.get((name, r["dim"]))
+        _need(m is not None, f"layout {name} row dim", r["dim"], "a dim that one of the cliques indexes")
+        specs.append(DimSpec(r["dim"], r["clique"], m.index, r["multiplicity"], r["size"], r["resizable"]))
+    dims = [r.dim for r in specs]
+    _need(dims == sorted(set(dims)) and dims[-1] < len(shape), f"layout {name} row dims", dims,
+          f"increasing dims of its {len(shape)}-d tensor")
+    return TensorLayout(name, tuple(shape), tuple(specs), d["layer"], d["role"], float(scale))
+
+
+def _check_structure(cliques: list[Clique], layouts: list[TensorLayout], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Cliques and layouts against the base model's shapes; ValueError names the first inconsistency."""
+    from morphkit.coords import _multiplicity
+
+    owner: dict[tuple[str, int], Clique] = {}
+    for c in cliques:
+        for m in c.members:
+            if m.name not in shapes:
+                raise ValueError(f"clique {c.id} names tensor {m.name!r}, which the model does not have")
+            s = shapes[m.name]
+            if m.dim >= len(s):
+                raise ValueError(f"clique {c.id} indexes dim {m.dim} of {m.name!r}, which is {len(s)}-d")
+            n = s[m.dim]
+            if m.index is None and n > c.size:
+                raise ValueError(f"clique {c.id} ({c.size} channels) maps {m.name!r} dim {m.dim} of {n} one to one")
+            if m.index is not None and (len(m.index) != n or any(not -1 <= i < c.size for i in m.index)):
+                raise ValueError(f"clique {c.id}: the index map of {m.name!r} dim {m.dim} does not fit {n} "
+                                 f"positions and {c.size} channels")
+            owner[(m.name, m.dim)] = c
+    for lt in layouts:
+        for r in lt.rows:
+            c = owner[(lt.name, r.dim)]
+            mult = _multiplicity(r.index, c.size, lt.shape[r.dim])
+            if (r.clique, r.size, r.resizable, r.multiplicity) != (c.id, c.size, not c.fixed, mult):
+                raise ValueError(f"layout {lt.name!r} dim {r.dim} disagrees with clique {c.id} (clique {r.clique}, "
+                                 f"size {r.size}, multiplicity {r.multiplicity}, resizable {r.resizable})")
+
+
+def _load_inr(layouts: list[TensorLayout], config: MorphConfig, tensors: dict[str, torch.Tensor],
+              path: str | Path) -> INR:
+    """The INR, its shapes checked on the meta device (no memory) before it is built and loaded."""
+    from morphkit.export import _mismatch
+
+    got = {k[4:]: v for k, v in tensors.items() if k.startswith("inr.")}
+    with torch.device("meta"):
+        probe = build_inr(layouts, config)
+    want = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in got.items()}
+    if want != have:
+        missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        raise CheckpointError(f"{str(path)!r}: INR weights do not match its config "
+                              f"({_mismatch(missing, unexpected, wrong, have, want)}); the file is corrupt")
+    bad = sorted(k for k, v in got.items() if not v.is_floating_point() or v.is_complex())
+    if bad:
+        raise CheckpointError(f"{str(path)!r}: INR tensor {bad[0]!r} is {got[bad[0]].dtype}, expected a real "
+                              "floating-point tensor; the file is corrupt")
+    inr = build_inr(layouts, config)
+    try:
+        inr.load_state_dict(got, strict=True)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r}: INR weights do not match its config: {e}") from e
+    return inr
 
 
 def bn_modules_to_calibrate(net: nn.Module) -> list[nn.Module]:

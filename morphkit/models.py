@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -267,17 +268,48 @@ def parse_spec(spec: str) -> dict[str, Any]:
     return {"source": "morphkit", "name": name, "kwargs": kwargs}
 
 
+#: Largest example input (elements) an ``arch`` may ask for; larger is a corrupt or mistaken shape.
+MAX_INPUT_ELEMENTS = 1 << 26
+
+
+def check_arch(arch: Any) -> None:
+    """Validate the types of an ``arch`` dict (from a file or a caller) before building from it.
+
+    Raises:
+        UnsupportedModelError: not a dict, ``source``/``name`` not strings,
+            ``kwargs`` not a dict, or ``input_shape`` not a short list of positive ints.
+    """
+    if not isinstance(arch, dict):
+        raise UnsupportedModelError(f"arch must be a dict like {{'source': 'morphkit', 'name': 'lenet5'}}, "
+                                    f"got {type(arch).__name__} {arch!r:.80}")
+    for key in ("source", "name"):
+        if not isinstance(arch.get(key), str):
+            raise UnsupportedModelError(f"arch[{key!r}] must be a string, got {arch.get(key)!r:.80}")
+    if not isinstance(arch.get("kwargs") or {}, dict):
+        raise UnsupportedModelError(f"arch['kwargs'] must be a dict of constructor arguments, got "
+                                    f"{arch.get('kwargs')!r:.80}")
+    shape = arch.get("input_shape")
+    if shape is not None:
+        ok = (isinstance(shape, (list, tuple)) and 1 <= len(shape) <= 8
+              and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape))
+        if not ok or math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise UnsupportedModelError(f"arch['input_shape'] must be a list of 1 to 8 positive ints (C, H, W) "
+                                        f"of at most {MAX_INPUT_ELEMENTS} elements, got {shape!r:.80}")
+
+
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     """Build a freshly initialised model from an ``arch`` dict (see :func:`parse_spec`)."""
-    source, name = arch.get("source"), arch.get("name")
+    check_arch(arch)
+    source, name = arch["source"], arch["name"]
     kwargs = dict(arch.get("kwargs") or {})
     if source == "morphkit":
         if name not in REGISTRY:
             raise UnsupportedModelError(f"unknown morphkit model {name!r}; expected one of {sorted(REGISTRY)}")
         try:
             model = REGISTRY[name].factory(**kwargs)
-        except TypeError as e:
-            raise UnsupportedModelError(f"bad arguments {kwargs} for model {name!r}: {e}") from e
+        except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as e:  # bad or huge kwargs
+            raise UnsupportedModelError(f"bad arguments {kwargs!r:.200} for model {name!r}: "
+                                        f"{type(e).__name__}: {str(e)[:200]}") from e
     elif source == "timm":
         try:
             import timm

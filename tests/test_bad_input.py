@@ -1,0 +1,506 @@
+"""Bad inputs to the Python API: a clear error, and nothing written or lost.
+
+Every case checks (a) the specific ``MorphkitError`` subclass and the builtin
+it also inherits, (b) that the message says what was received and what was
+expected (a key fragment), and (c) that nothing changed: no new or half-written
+file, an existing output byte-identical, no temp file left, the caller's model
+and manifold unchanged. The CLI cases are in ``test_cli_bad_input.py``; file
+fuzzing is in ``test_fuzz.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gzip
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from _files import X, parts, rewrite, snapshot, valid_files
+from safetensors.torch import save as st_save
+from torch import nn
+
+import morphkit as mk
+from morphkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MorphkitError,
+    UnsupportedModelError,
+)
+
+BUILTIN = {ConfigError: ValueError, UnsupportedModelError: TypeError, CheckpointError: OSError,
+           DataError: OSError}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def refused(cls: type[MorphkitError], *fragments: str, watch: Path | None = None, modules: tuple = ()):
+    """Expect ``cls`` (and its builtin) with every message fragment; ``watch`` and ``modules`` unchanged."""
+    before = snapshot(watch) if watch is not None else None
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+    with pytest.raises(cls) as info:
+        yield info
+    assert isinstance(info.value, MorphkitError) and isinstance(info.value, BUILTIN[cls])
+    msg = str(info.value)
+    for f in fragments:
+        assert f in msg, f"{f!r} not in {msg!r}"
+    assert "\n" not in msg.strip() or cls is UnsupportedModelError, msg
+    if watch is not None:
+        assert snapshot(watch) == before, "files were written, changed or removed"
+    for m, s in zip(modules, states):
+        now = m.state_dict()
+        assert now.keys() == s.keys() and all(torch.equal(now[k], s[k]) for k in s), "the caller's model changed"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("files")
+    for kind, data in valid_files().items():
+        (d / f"{kind}.safetensors").write_bytes(data)
+    return d
+
+
+@pytest.fixture(scope="module")
+def manifold(files) -> mk.Manifold:
+    return mk.Manifold.load(files / "manifold.safetensors")
+
+
+@pytest.fixture
+def lenet() -> nn.Module:
+    return mk.build_model("lenet5")
+
+
+@pytest.fixture(scope="module")
+def batches() -> list:
+    train, _ = mk.make_loaders(mk.load_data("embedded"), batch_size=16, limit=32, seed=0)
+    return list(train)
+
+
+TINY = mk.MorphConfig(inr=mk.INRConfig(hidden=8, layers=1, n_freqs=2), train=mk.TrainConfig(steps=1),
+                      samples=1)
+
+
+class LSTMNet(nn.Module):
+    """An LSTM between the input and the output: no clique morphkit can resize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.lstm(self.inp(x))[0][:, -1])
+
+
+class Broken(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom in forward")
+
+
+# --------------------------------------------------------------------------- widths
+
+BAD_WIDTHS = [(0, "got 0"), (-0.5, "got -0.5"), (1.5, "got 1.5"), (math.nan, "got nan"), (math.inf, "got inf"),
+              ("0.5", "got '0.5'"), (True, "got True"), (None, "got None"), ([0.5], "got [0.5]")]
+
+
+@pytest.mark.parametrize("width,got", BAD_WIDTHS, ids=[repr(w) for w, _ in BAD_WIDTHS])
+def test_bad_width_sample(manifold, files, width, got):
+    with refused(ConfigError, "width must be", "(0, 1]", got, watch=files, modules=(manifold.inr, manifold.base)):
+        manifold.sample(width)
+
+
+@pytest.mark.parametrize("width,got", BAD_WIDTHS[:6], ids=[repr(w) for w, _ in BAD_WIDTHS[:6]])
+def test_bad_width_resize(lenet, tmp_path, width, got):
+    with refused(ConfigError, "width must be", got, watch=tmp_path, modules=(lenet,)):
+        mk.resize(lenet, X, width)
+
+
+BAD_MAPS = [({99: 3}, ["unknown clique id 99", "[0, 1, 2, 3, 4, 5]"]),
+            ({5: 5}, ["clique 5 is fixed", "model output", "10 channels"]),
+            ({0: 1, 1: 7}, ["clique 1: got 7 channels, expected 1..6"]),
+            ({1: 0}, ["clique 1: got 0 channels, expected 1..6"]),
+            ({1: 2.5}, ["channel count 2.5 is not an integer"]),
+            ({"conv1": 3}, ["width map key 'conv1' is not a clique id"])]
+
+
+@pytest.mark.parametrize("width,fragments", BAD_MAPS, ids=[str(w) for w, _ in BAD_MAPS])
+def test_bad_width_map(manifold, lenet, files, width, fragments):
+    with refused(ConfigError, *fragments, watch=files, modules=(manifold.inr,)):
+        manifold.sample(width)
+    with refused(ConfigError, *fragments, modules=(lenet,)):
+        mk.resize(lenet, X, width)
+
+
+def test_bad_samples(manifold):
+    with refused(ConfigError, "samples must be an int >= 1, got 0", modules=(manifold.inr,)):
+        manifold.sample(0.5, samples=0)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_unsupported_layer_nothing_to_morph(batches, tmp_path):
+    net, x = LSTMNet(), torch.zeros(2, 5, 4)
+    cliques = mk.find_cliques(net, x)
+    lstm_in = next(c for c in cliques if "LSTM" in c.reason)
+    assert lstm_in.fixed  # a clique feeding the LSTM is fixed with a reason, never silently resized
+    with refused(ConfigError, f"clique {lstm_in.id} is fixed", "LSTM cannot be resized", modules=(net,)):
+        mk.resize(net, x, {lstm_in.id: 4})
+    data = [(torch.randn(4, 5, 4), torch.randint(0, 3, (4,)))]
+    with refused(UnsupportedModelError, "has no resizable clique", "nothing to morph", watch=tmp_path,
+                 modules=(net,)):
+        mk.morph(net, data, example_inputs=x, config=TINY, progress=False)
+
+
+def test_concatenated_channels_morph_and_sample():
+    """torch.cat feeding a layer used to crash morph() with a raw ValueError (coords._multiplicity)."""
+    from _nets import CatNet
+
+    net, x = CatNet().eval(), torch.randn(2, 3, 8, 8)
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)))]
+    m = mk.morph(net, data, example_inputs=x, config=TINY, progress=False)
+    assert m.sample(0.5)(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("call", ["find_cliques", "resize", "morph"])
+def test_forward_fails(call, batches):
+    net = Broken()
+    x = torch.zeros(1, 4)
+    with refused(UnsupportedModelError, "forward fails on example_inputs", "[(1, 4)]", "boom in forward",
+                 modules=(net,)):
+        if call == "find_cliques":
+            mk.find_cliques(net, x)
+        elif call == "resize":
+            mk.resize(net, x, 0.5)
+        else:
+            mk.morph(net, batches, example_inputs=x, config=TINY, progress=False)
+
+
+@pytest.mark.parametrize("call", ["find_cliques", "resize", "morph"])
+def test_wrong_example_input_shape(call, lenet, batches):
+    x = torch.zeros(1, 3, 32, 32)  # CIFAR-shaped input for an MNIST LeNet
+    with refused(UnsupportedModelError, "forward fails on example_inputs", "(1, 3, 32, 32)",
+                 "to have 1 channels, but got 3", modules=(lenet,)):
+        if call == "find_cliques":
+            mk.find_cliques(lenet, x)
+        elif call == "resize":
+            mk.resize(lenet, x, 0.5)
+        else:
+            mk.morph(lenet, batches, example_inputs=x, config=TINY, progress=False)
+
+
+def test_example_inputs_not_tensors(lenet):
+    with refused(ConfigError, "example_inputs must be a tensor or a tuple of tensors, got str", modules=(lenet,)):
+        mk.find_cliques(lenet, "x.png")
+
+
+@pytest.mark.parametrize("spec,fragments", [
+    ("mlp?hidden=[-1]", ["bad arguments", "'hidden': [-1]", "negative dimension"]),
+    ("lenet5?colour=1", ["bad arguments", "unexpected keyword argument 'colour'"]),
+    ("lenet6", ["unknown model 'lenet6'", "expected one of"]),
+    ("", ["model spec must be a non-empty string, got ''"]),
+])
+def test_bad_model_spec(spec, fragments):
+    with refused(UnsupportedModelError, *fragments):
+        mk.build_model(spec)
+
+
+# --------------------------------------------------------------------------- model and manifold files
+
+READERS = {"load_model": mk.load_model, "model_info": mk.model_info, "Manifold.load": mk.Manifold.load}
+SOURCE = {"load_model": "model", "model_info": "model", "Manifold.load": "manifold"}
+
+
+def _tensor_bytes_at(data: bytes) -> int:
+    """An offset inside the tensor data (past the JSON header)."""
+    return 8 + int.from_bytes(data[:8], "little") + 16
+
+
+def _with_meta(data: bytes, **changes) -> bytes:
+    tensors, meta = parts(data)
+    meta.update(changes)
+    return rewrite(tensors, meta)
+
+
+def _flip(data: bytes) -> bytes:
+    b = bytearray(data)
+    b[_tensor_bytes_at(data)] ^= 0x10
+    return bytes(b)
+
+
+FILE_CASES = {  # name: (make bytes from valid bytes, fragments)
+    "empty": (lambda d: b"", ["is empty", "write it again"]),
+    "truncated": (lambda d: d[: len(d) // 2], ["not a readable safetensors file", "truncated or corrupt"]),
+    "bit flip": (_flip, ["is corrupt", "checksum"]),
+    "header length": (lambda d: struct.pack("<Q", len(d) * 4) + d[8:], ["not a readable safetensors file"]),
+    "not safetensors": (lambda d: b"PK\x03\x04 this is a zip file" * 10, ["not a readable safetensors file"]),
+    "foreign safetensors": (lambda d: st_save({"w": torch.ones(2)}), ["has no morphkit metadata",
+                                                                      "use save_model / Manifold.save"]),
+    "non-JSON metadata": (lambda d: st_save({"w": torch.ones(2)}, metadata={"morphkit": "{format: model"}),
+                          ["metadata is not valid JSON"]),
+    "metadata not an object": (lambda d: rewrite({"w": torch.ones(2)}, ["morphkit.model/1"]),
+                               ["metadata is a JSON list", "expected an object"]),
+    "no format": (lambda d: _with_meta(d, format=None), ["no 'format' string (got None)"]),
+    "newer format": (lambda d: _with_meta(d, format=parts(d)[1]["format"][:-1] + "2"),
+                     ["/2", "newer than this morphkit reads", "upgrade morphkit"]),
+    "garbled version": (lambda d: _with_meta(d, format=parts(d)[1]["format"][:-1] + "x"),
+                        ["/x", "expected morphkit."]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FILE_CASES))
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_bad_file(files, tmp_path, reader, case):
+    make, fragments = FILE_CASES[case]
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(make(valid_files()[SOURCE[reader]]))
+    with refused(CheckpointError, str(p), *fragments, watch=tmp_path):
+        READERS[reader](p)
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_missing_file_and_directory(tmp_path, reader):
+    with refused(CheckpointError, "does not exist", "expected a .safetensors file", watch=tmp_path):
+        READERS[reader](tmp_path / "nope.safetensors")
+    with refused(CheckpointError, "is a directory", "expected a .safetensors file", watch=tmp_path):
+        READERS[reader](tmp_path)
+    with refused(ConfigError, "path must be a str or os.PathLike, got int"):
+        READERS[reader](3)
+
+
+def test_wrong_kind_of_file(files):
+    with refused(CheckpointError, "is a 'morphkit.manifold' file, expected a 'morphkit.model' file",
+                 "Manifold.load()", watch=files):
+        mk.load_model(files / "manifold.safetensors")
+    with refused(CheckpointError, "is a 'morphkit.model' file, expected a 'morphkit.manifold' file",
+                 "load_model()", watch=files):
+        mk.Manifold.load(files / "model.safetensors")
+
+
+def test_file_from_another_model(files):
+    mlp, resnet = mk.build_model("mlp"), mk.build_model("resnet20")
+    with refused(CheckpointError, "does not fit the model it describes", "missing keys", "another model",
+                 watch=files, modules=(mlp,)):
+        mk.load_model(files / "base.safetensors", base=mlp)
+    with refused(CheckpointError, "cannot resize its architecture to the recorded width map",
+                 "clique 0 is fixed", watch=files, modules=(resnet,)):
+        mk.load_model(files / "model.safetensors", base=resnet)
+    other = mk.build_model("lenet5?num_classes=5")
+    with refused(CheckpointError, "manifold for another model", "fc3.weight", "pass the matching base=",
+                 watch=files, modules=(other,)):
+        mk.Manifold.load(files / "manifold.safetensors", base=other)
+
+
+def test_base_not_a_module(files):
+    for reader in (mk.load_model, mk.Manifold.load):
+        with refused(ConfigError, "base must be an nn.Module instance", "got str", watch=files):
+            reader(files / "model.safetensors", base="lenet5")
+
+
+def _manifold_meta(edit) -> bytes:
+    tensors, meta = parts(valid_files()["manifold"])
+    edit(meta, tensors)
+    return rewrite(tensors, meta)
+
+
+def _set(path, value):
+    def edit(meta, tensors):
+        obj = meta
+        for k in path[:-1]:
+            obj = obj[k]
+        obj[path[-1]] = value
+    return edit
+
+
+MALFORMED = {  # valid checksum, malicious metadata: what the checks behind the checksum catch
+    "model widths not a map": ("model", lambda d: _with_meta(d, widths="half"),
+                               ["metadata field 'widths' is 'half'", "expected null or {clique_id"]),
+    "model arch not a dict": ("model", lambda d: _with_meta(d, arch=5), ["'arch' is malformed", "got int 5"]),
+    "model arch huge kwargs": ("base", lambda d: _with_meta(d, arch={"source": "morphkit", "name": "lenet5",
+                                                                     "kwargs": {"num_classes": 10**9}}),
+                               ["does not fit the architecture it names", "file (10,) vs model (1000000000,)"]),
+    "model user not a dict": ("model", lambda d: _with_meta(d, user=[1]), ["metadata field 'user' is [1]"]),
+    "model tensor dtype": ("base", lambda d: rewrite({k: v.long() if k == "fc1.bias" else v
+                                                      for k, v in parts(d)[0].items()}, parts(d)[1]),
+                           ["tensor 'fc1.bias' is torch.int64 in the file but torch.float32"]),
+    "manifold config": ("manifold", lambda d: _manifold_meta(_set(("config", "inr", "hidden"), 10**9)),
+                        ["inr.hidden: got 1000000000, expected an int in [1, 16384]"]),
+    "manifold INR width": ("manifold", lambda d: _manifold_meta(_set(("config", "inr", "hidden"), 32)),
+                           ["INR weights do not match its config", "shape mismatches"]),
+    "manifold clique index": ("manifold", lambda d: _manifold_meta(
+        _set(("cliques", 1, "members", 0, "index"), [0, 1, 2, 3, 4, 99])), ["index map of 'conv1.weight'"]),
+    "manifold layout": ("manifold", lambda d: _manifold_meta(_set(("layouts", 0, "rows", 0, "multiplicity"), 2)),
+                        ["layout 'conv1.weight' dim 0 disagrees with clique 1"]),
+    "manifold input dtype": ("manifold", lambda d: _manifold_meta(_set(("input_dtypes", 0), "__class__")),
+                             ["input dtype: got '__class__'", "expected one of"]),
+    "manifold input shape": ("manifold", lambda d: _manifold_meta(_set(("input_shapes", 0), [1, 10**6, 10**6])),
+                             ["input shape: got [1, 1000000, 1000000]", "at most"]),
+    "manifold missing field": ("manifold", lambda d: _manifold_meta(lambda m, t: m.pop("layouts")),
+                               ["field: got 'layouts', expected present"]),
+    "manifold duplicate clique": ("manifold", lambda d: _manifold_meta(
+        lambda m, t: m["cliques"].append(m["cliques"][1])), ["clique ids", "expected unique ids"]),
+    "manifold static missing": ("manifold", lambda d: _manifold_meta(lambda m, t: t.pop("static.fc3.bias")),
+                                ["static tensors: got ['fc3.bias']", "stored in the file"]),
+    "manifold perms": ("manifold", lambda d: _manifold_meta(_set(("perms", "1"), [0, 0, 0, 0, 0, 0])),
+                       ["perms[1]", "a permutation of range(6)"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_metadata_with_valid_checksum(tmp_path, case):
+    source, make, fragments = MALFORMED[case]
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(make(valid_files()[source]))
+    reader = mk.Manifold.load if source == "manifold" else mk.load_model
+    with refused(CheckpointError, str(p), *fragments, watch=tmp_path):
+        reader(p)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _mnist_dir(root: Path, images_magic: int = 2051) -> Path:
+    root.mkdir()
+    for prefix, n in (("train", 4), ("t10k", 2)):
+        img = struct.pack(">IIII", images_magic, n, 28, 28) + bytes(n * 28 * 28)
+        lab = struct.pack(">II", 2049, n) + bytes(n)
+        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(img))
+        (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(lab))
+    return root
+
+
+def test_data_specs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MORPHKIT_CACHE", str(tmp_path / "cache"))
+    cases = [
+        ("foo:bar", ["unknown data spec 'foo:bar'", "expected one of: mnist:DIR"]),
+        ("mnist", ["unknown data spec 'mnist'", "mnist:DIR"]),
+        ("mnist:", ["names no path", "expected mnist:PATH"]),
+        (None, ["data spec must be a string", "got None"]),
+        (f"mnist:{tmp_path / 'missing'}", ["is not a directory", "train-images-idx3-ubyte.gz"]),
+        (f"cifar10:{tmp_path / 'missing.tar.gz'}", ["does not exist", "ImageFolder layout"]),
+        (f"imagefolder:{tmp_path}", ["needs train/ and test/", "found: no images"]),
+    ]
+    for spec, fragments in cases:
+        with refused(DataError, *fragments, watch=tmp_path):
+            mk.load_data(spec)
+
+
+def test_corrupt_idx_files(tmp_path):
+    bad_magic = _mnist_dir(tmp_path / "magic", images_magic=2049)
+    with refused(DataError, "bad magic number 2049", "expected 2051", watch=tmp_path):
+        mk.load_data(f"mnist:{bad_magic}")
+    truncated = _mnist_dir(tmp_path / "trunc")
+    gz = truncated / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:20])
+    with refused(DataError, "corrupt or truncated gzip data", "re-download", watch=tmp_path):
+        mk.load_data(f"mnist:{truncated}")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("bad,fragments", [
+    ({"trian": {}}, ["unknown config key 'trian'", "expected one of"]),
+    ({"train": {"epoch": 3}}, ["unknown config key(s) ['epoch'] in 'train'"]),
+    ({"version": 2}, ["config version 2 is not supported", "versions 1..1"]),
+    ({"version": True}, ["config version True is not supported"]),
+    ({"train": {"compression": 5}}, ["train.compression: got 5", "expected [low, high]"]),
+    ({"train": {"eval_compressions": 0.5}}, ["train.eval_compressions: got 0.5", "expected a list"]),
+    ({"train": {"epochs": True}}, ["train.epochs: got True", "expected an int >= 1"]),
+    ({"train": {"lr": "fast"}}, ["train.lr: got 'fast'", "expected a finite float > 0"]),
+    ({"inr": {"hidden": 10**9}}, ["inr.hidden: got 1000000000", "[1, 16384]"]),
+    ({"samples": 10**9}, ["samples: got 1000000000", "[1, 100000]"]),
+    ({"train": []}, ["config.train: got []", "expected a JSON object"]),
+])
+def test_bad_config(bad, fragments):
+    with refused(ConfigError, *fragments):
+        mk.MorphConfig.from_dict(bad)
+
+
+def test_bad_config_files(tmp_path):
+    p = tmp_path / "cfg.json"
+    p.write_text("{'train': {'epochs': 3}}")  # Python, not JSON
+    with refused(ConfigError, "config is not valid JSON", "expected an object such as", watch=tmp_path):
+        mk.MorphConfig.load(p)
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    with refused(ConfigError, "cannot be read as UTF-8 JSON text", watch=tmp_path):
+        mk.MorphConfig.load(p)
+    with refused(ConfigError, "is a directory; expected a JSON file", watch=tmp_path):
+        mk.MorphConfig.load(tmp_path)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_output_under_a_regular_file(lenet, manifold, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    with refused(CheckpointError, "is a file, not a directory", "existing directory", watch=tmp_path,
+                 modules=(lenet,)):
+        mk.save_model(lenet, blocker / "m.safetensors")
+    with refused(CheckpointError, "is a file, not a directory", watch=tmp_path, modules=(manifold.inr,)):
+        manifold.save(blocker / "m.morph.safetensors")
+    with refused(CheckpointError, "does not exist", watch=tmp_path, modules=(lenet,)):
+        mk.save_model(lenet, tmp_path / "missing" / "m.safetensors")
+    with refused(CheckpointError, "it is a directory; expected a file path", watch=tmp_path, modules=(lenet,)):
+        mk.save_model(lenet, tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod 0o500 (covered by the regular-file case)")
+def test_output_in_unwritable_directory(lenet, tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    try:
+        with refused(CheckpointError, "cannot write", "nothing was written", watch=tmp_path, modules=(lenet,)):
+            mk.save_model(lenet, d / "m.safetensors")
+    finally:
+        d.chmod(0o700)
+
+
+def test_failed_write_keeps_the_old_file(lenet, tmp_path):
+    target = tmp_path / "m.safetensors"
+    mk.save_model(mk.build_model("lenet5"), target)
+    with refused(CheckpointError, "not JSON-serialisable", watch=tmp_path, modules=(lenet,)):
+        mk.save_model(lenet, target, note=object())
+    with refused(CheckpointError, "not JSON-serialisable", watch=tmp_path, modules=(lenet,)):
+        mk.save_model(lenet, target, accuracy=math.nan)  # NaN is not JSON
+
+
+def test_disk_full_keeps_the_old_file(lenet, manifold, tmp_path, monkeypatch):
+    target = tmp_path / "m.safetensors"
+    mk.save_model(mk.build_model("lenet5"), target)
+    (tmp_path / "m.morph.safetensors").write_bytes(valid_files()["manifold"])
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with refused(CheckpointError, "No space left on device", "nothing was written", watch=tmp_path,
+                 modules=(lenet,)):
+        mk.save_model(lenet, target)
+    with refused(CheckpointError, "No space left on device", watch=tmp_path, modules=(manifold.inr,)):
+        manifold.save(tmp_path / "m.morph.safetensors")
+
+
+def test_reading_never_writes(files):
+    """The readers leave the directory as it was, also when they succeed."""
+    before = snapshot(files)
+    mk.load_model(files / "model.safetensors")
+    mk.model_info(files / "base.safetensors")
+    mk.Manifold.load(files / "manifold.safetensors")
+    assert snapshot(files) == before
+    assert json.dumps(mk.model_info(files / "model.safetensors"))
