@@ -29,6 +29,8 @@ from morphkit.export import load_model, model_info, save_model
 from morphkit.fit import evaluate, fit
 from morphkit.manifold import Manifold
 from morphkit.train import morph
+from morphkit.baselines import prune, train_individual, train_slimmable
+from morphkit.compare import compare, write_report
 
 __all__ = [
     "__version__",
@@ -39,4 +41,5 @@ __all__ = [
     "fuse_bn", "find_cliques", "smooth", "total_variation", "shortest_hamiltonian_path", "path_length",
     "resize", "morph", "Manifold",
     "save_model", "load_model", "model_info", "fit", "evaluate",
+    "prune", "train_individual", "train_slimmable", "compare", "write_report",
 ]

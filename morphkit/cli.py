@@ -106,6 +106,7 @@ def train(model: str, data_spec: str, epochs: int | None, batch_size: int, optim
     from morphkit.fit import fit
     from morphkit.models import recipe_of
 
+    _check_writable(output)
     net = _resolve_model(model)
     recipe = recipe_of(net)
     kw = {"optimizer": optimizer or recipe["optimizer"], "lr": lr if lr is not None else recipe["lr"],
@@ -199,7 +200,7 @@ def info(file: str, as_json: bool) -> None:
         click.echo(f"{k + ':':<8} {v}")
     if meta.get("widths"):
         click.echo(f"widths:  {meta['widths']}")
-    user = meta.get("user") or {}
+    user = meta.get("user") if isinstance(meta.get("user"), dict) else {}
     for k, v in user.items():
         click.echo(f"{k + ':':<8} {v}")
 
@@ -365,6 +366,66 @@ def demo(epochs: int, steps: int, progress: bool) -> None:
         again = evaluate(load_model(path), test_dl)
         click.echo(f"4/4 exported width 0.5 to a standard file and reloaded it: {_fmt_metrics(again)}")
     click.echo(f"done in {time.perf_counter() - t0:.0f} s")
+
+
+@main.command("compare")
+@click.argument("manifold_file", type=click.Path())
+@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
+@click.option("--methods", default="neumeta,l1,l2,taylor,hessian,random", show_default=True,
+              help="Comma-separated: neumeta, l1, l2, taylor, hessian, random, individual, slimmable.")
+@click.option("--compression", "compressions", default="0,0.25,0.5,0.75", show_default=True,
+              help="Comma-separated compressions in [0, 1) (= 1 - width).")
+@click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Fine-tuning epochs after pruning.")
+@click.option("--train-epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs of individual / slimmable training (default: the model's recipe).")
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="K noisy draws averaged (default: 50).")
+@click.option("--base", "base_file", type=click.Path(), default=None,
+              help="The trained base model file to prune (default: the manifold's full-width sample).")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N training images.")
+@click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Evaluate on the first N test images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Report directory.")
+def compare_cmd(manifold_file: str, data_spec: str, methods: str, compressions: str, finetune_epochs: int,
+                train_epochs: int | None, samples: int | None, base_file: str | None, batch_size: int,
+                limit: int | None, test_limit: int | None, seed: int, device: str | None, progress: bool,
+                output: str) -> None:
+    """Compare NeuMeta with pruning and training baselines at equal sizes; write a report to -o.
+
+    MANIFOLD_FILE is a manifold from `morphkit morph` (or a model file, to
+    compare the baselines alone). Writes report.md, report.json and accuracy.png.
+    """
+    from morphkit._io import read_tensors
+    from morphkit.compare import compare, write_report
+    from morphkit.data import load_data, make_loaders
+    from morphkit.export import load_model
+    from morphkit.formats import MANIFOLD_FORMAT
+
+    _, meta = read_tensors(manifold_file)
+    if meta["format"].startswith(MANIFOLD_FORMAT):
+        from morphkit.manifold import Manifold
+
+        source: Any = Manifold.load(manifold_file)
+    else:
+        source = load_model(manifold_file)
+    base = load_model(base_file) if base_file else None
+    splits = load_data(data_spec)
+    train_dl, test_dl = make_loaders(splits, batch_size=batch_size, seed=seed, limit=limit, test_limit=test_limit)
+    t0 = time.perf_counter()
+    rows = compare(source, test_dl, methods, compressions, base=base, finetune_epochs=finetune_epochs,
+                   samples=samples, seed=seed, progress=progress and sys.stderr.isatty(), train_data=train_dl,
+                   train_epochs=train_epochs, device=device)
+    seconds = time.perf_counter() - t0
+    info = {"source": manifold_file, "base": base_file or "manifold.sample(1.0)", "data": data_spec,
+            "train images": len(train_dl.data),
+            "test images": rows[0]["n"], "finetune epochs": finetune_epochs, "seed": seed,
+            "seconds": round(seconds, 1), "morphkit": __version__}
+    paths = write_report(rows, output, title=f"morphkit compare: {Path(manifold_file).name}", meta=info)
+    click.echo(paths["md"].read_text())
+    click.echo(f"wrote {', '.join(str(p) for p in paths.values())} in {seconds:.0f} s")
 
 
 if __name__ == "__main__":  # pragma: no cover
