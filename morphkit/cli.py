@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from morphkit import __version__
-from morphkit.errors import ConfigError, MorphkitError
+from morphkit.errors import CheckpointError, ConfigError, MorphkitError
 
 logger = logging.getLogger("morphkit")
 
@@ -286,9 +286,10 @@ def _check_writable(output: str) -> None:
 
     parent = Path(output).resolve().parent
     if not parent.is_dir():
-        raise ConfigError(f"output directory {str(parent)!r} does not exist; create it first")
+        what = "is a file, not a directory" if parent.exists() else "does not exist; create it first"
+        raise CheckpointError(f"output directory {str(parent)!r} {what}")
     if not os.access(parent, os.W_OK):
-        raise ConfigError(f"output directory {str(parent)!r} is not writable")
+        raise CheckpointError(f"output directory {str(parent)!r} is not writable; choose another -o")
 
 
 @main.command()

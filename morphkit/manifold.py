@@ -95,6 +95,10 @@ class Manifold:
 
     Attributes:
         cliques: Every clique of the (fused, smoothed) base model.
+        base: The fused, smoothed base model (same function as the original).
+        base_is_trained: Whether ``base`` holds the trained weights (True after
+            :func:`~morphkit.train.morph` and for files that store them; files
+            written before 0.2 do not, and their ``base`` is freshly initialised).
         config: The :class:`MorphConfig` it was trained with.
         info: Training record (history, timings, base metrics).
     """
@@ -102,7 +106,7 @@ class Manifold:
     def __init__(self, inr: INR, cliques: list[Clique], layouts: list[TensorLayout],
                  static: dict[str, torch.Tensor], base: nn.Module, example_inputs: Any,
                  config: MorphConfig, arch: dict | None, perms: dict[int, list[int]] | None = None,
-                 info: dict | None = None, fused_bn: bool = False) -> None:
+                 info: dict | None = None, fused_bn: bool = False, base_is_trained: bool = True) -> None:
         self.inr = inr.eval()
         self.cliques = cliques
         self.layouts = layouts
@@ -115,6 +119,7 @@ class Manifold:
         self.perms = perms or {}
         self.info = info or {}
         self.fused_bn = fused_bn
+        self.base_is_trained = base_is_trained
         self._dims = _dims_of(cliques)
         self._templates: dict[tuple, nn.Module] = {}
 
@@ -241,6 +246,9 @@ class Manifold:
         """Write the manifold to one safetensors file (atomic; no pickle)."""
         tensors = {f"inr.{k}": v for k, v in self.inr.state_dict().items()}
         tensors.update({f"static.{k}": v for k, v in self.static.items()})
+        if self.base_is_trained:  # the base's predicted tensors, for baselines and reconstruction checks
+            state = self.base.state_dict()
+            tensors.update({f"base.{lt.name}": state[lt.name] for lt in self.layouts})
         meta = {
             "format": format_tag(MANIFOLD_FORMAT),
             "morphkit_version": __version__,
@@ -317,8 +325,15 @@ class Manifold:
             model = fuse_bn(model)
         inr = _load_inr(p["layouts"], p["config"], tensors, path)
         static = {n: tensors[f"static.{n}"] for n in p["static"]}
+        stored = {lt.name: tensors[f"base.{lt.name}"] for lt in p["layouts"] if f"base.{lt.name}" in tensors}
+        if stored:
+            bad = [n for n, t in stored.items() if tuple(t.shape) != state[n] or t.dtype != full[n].dtype]
+            if bad or len(stored) != len(p["layouts"]):
+                raise CheckpointError(f"{str(path)!r}: stored base tensors {bad[:4] or 'incomplete'} do not fit "
+                                      "the base model; the file is corrupt or was edited — write it again")
+            model.load_state_dict({**static, **stored}, strict=False)
         return cls(inr, p["cliques"], p["layouts"], static, model, p["example"], p["config"], p["arch"],
-                   p["perms"], info=p["info"], fused_bn=p["fused_bn"])
+                   p["perms"], info=p["info"], fused_bn=p["fused_bn"], base_is_trained=bool(stored))
 
 
 # ------------------------------------------------------------------ reading files
@@ -363,8 +378,9 @@ def _parse_meta(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[
     missing = [n for n in static if f"static.{n}" not in tensors]
     _need(not missing, "static tensors", missing, "stored in the file as static.NAME")
     known = {f"static.{n}" for n in static}
+    known |= {f"base.{n}" for n in names}
     stray = sorted(k for k in tensors if k not in known and not k.startswith("inr."))
-    _need(not stray, "tensors", stray, "only inr.* and the listed static.* tensors")
+    _need(not stray, "tensors", stray, "only inr.*, base.* of predicted tensors and the listed static.* tensors")
     sizes = {c.id: c.size for c in cliques}
     perms_raw = meta.get("perms") or {}
     _need(isinstance(perms_raw, dict), "perms", perms_raw, "{clique_id: permutation}")

@@ -77,6 +77,16 @@ def test_save_load_same_weights_in_a_new_process(trained, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), net.state_dict().values()))
 
 
+def test_manifold_file_keeps_the_trained_base(trained, tmp_path):
+    _, _, m = trained
+    p = tmp_path / "m.morph.safetensors"
+    m.save(p)
+    loaded = mk.Manifold.load(p)
+    assert m.base_is_trained and loaded.base_is_trained
+    for k, v in m.base.state_dict().items():
+        assert torch.equal(v, loaded.base.state_dict()[k]), k
+
+
 @pytest.mark.parametrize("width", [0, -0.5, 1.5, float("nan"), "half", None, {99: 3}, {0: 0}])
 def test_bad_widths(trained, width):
     with pytest.raises(ConfigError):
