@@ -2,15 +2,18 @@
 
 Trains (or loads) the base LeNet-5, morphs every resizable clique, and evaluates
 the sampled models at compression 0 ... 87.5% (75% and above never trained),
-with training wall time, the INR's size and the sample/export time.
-Writes ``benchmarks/results/mnist_lenet.{json,md}``.
+with training wall time, the INR's size and the sample/export time, K = 50
+against K = 1 sampling, and short-schedule ablations (no smoothing, no
+coordinate noise). Writes ``benchmarks/results/mnist_lenet.{json,md}`` and the
+manifold to ``benchmarks/results/manifolds/``.
 
-    python benchmarks/mnist_lenet.py --epochs 8
+    python benchmarks/mnist_lenet.py --epochs 8 --ablation-steps 600
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -26,12 +29,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=8, help="morph epochs over the 60k training images")
     ap.add_argument("--base-epochs", type=int, default=10)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=5)
+    ap.add_argument("--hidden", type=int, default=mk.INRConfig().hidden)
+    ap.add_argument("--layers", type=int, default=mk.INRConfig().layers)
+    ap.add_argument("--noise", type=float, default=mk.TrainConfig().noise)
     ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--ablation-steps", type=int, default=600, help="steps of each ablation run (0: skip)")
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="mnist_lenet")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     splits = load_data(f"mnist:{DATA / 'mnist'}")
     train, test = make_loaders(splits, batch_size=128, seed=args.seed, test_batch_size=1000)
     base_file = RESULTS / "base" / "lenet5-mnist.safetensors"
@@ -47,7 +55,8 @@ def main() -> None:
     base_acc = mk.evaluate(base, test)["accuracy"]
     print(f"base LeNet-5: {100 * base_acc:.2f}%", flush=True)
     cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=args.hidden, layers=args.layers),
-                         train=mk.TrainConfig(epochs=args.epochs, seed=args.seed), samples=args.samples)
+                         train=mk.TrainConfig(epochs=args.epochs, seed=args.seed, noise=args.noise),
+                         samples=args.samples)
     t0 = time.perf_counter()
     manifold = mk.morph(base, train, example_inputs=torch.zeros(1, 1, 28, 28), config=cfg)
     morph_seconds = time.perf_counter() - t0
@@ -57,24 +66,50 @@ def main() -> None:
         net = manifold.sample(1 - g, samples=args.samples)
         sample_s = time.perf_counter() - t1
         acc = mk.evaluate(net, test)["accuracy"]
-        rows.append({"compression": g, "accuracy": acc, "params": sum(p.numel() for p in net.parameters()),
+        acc_k1 = mk.evaluate(manifold.sample(1 - g, samples=1), test)["accuracy"]
+        rows.append({"compression": g, "accuracy": acc, "accuracy_k1": acc_k1,
+                     "params": sum(p.numel() for p in net.parameters()),
                      "trained": g <= cfg.train.compression[1] + 1e-9, "sample_seconds": round(sample_s, 2)})
         print(rows[-1], flush=True)
+    (RESULTS / "manifolds").mkdir(exist_ok=True)
+    manifold.save(RESULTS / "manifolds" / f"{args.name}.safetensors")
     inr_params = sum(p.numel() for p in manifold.inr.parameters())
+    ablations = []
+    if args.ablation_steps:
+        variants = {"reference (short schedule)": cfg,
+                    "no smoothing": dataclasses.replace(cfg, smooth=dataclasses.replace(cfg.smooth, enabled=False)),
+                    "no coordinate noise": dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, noise=0.0))}
+        for label, c in variants.items():
+            c = dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=1, steps=args.ablation_steps))
+            t1 = time.perf_counter()
+            m = mk.morph(base, train, example_inputs=torch.zeros(1, 1, 28, 28), config=c, progress=False)
+            accs = {f"{g:g}": mk.evaluate(m.sample(1 - g, samples=args.samples), test)["accuracy"]
+                    for g in (0.0, 0.25, 0.5, 0.75)}
+            ablations.append({"variant": label, "steps": args.ablation_steps, "accuracy": accs,
+                              "seconds": round(time.perf_counter() - t1, 1)})
+            print(ablations[-1], flush=True)
     result = {"machine": machine(), "config": cfg.to_dict(), "base_accuracy": base_acc,
               "base_seconds": round(base_seconds, 1), "morph_seconds": round(morph_seconds, 1),
-              "steps": manifold.info["steps"], "inr_params": inr_params, "rows": rows}
+              "steps": manifold.info["steps"], "inr_params": inr_params, "rows": rows, "ablations": ablations}
     md = [f"# {args.name}: LeNet-5 / MNIST, whole network morphed", "",
           f"Command: `{result['machine']['command']}`  ",
           f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; torch "
           f"{result['machine']['torch']}; {result['machine']['date']}  ",
           f"Base LeNet-5: **{100 * base_acc:.2f}%**. Manifold: INR {args.hidden}x{args.layers} "
           f"({inr_params:,} params), {manifold.info['steps']} steps ({args.epochs} epochs, compression "
-          f"U[0, 0.5]), {morph_seconds / 60:.1f} min; K = {args.samples} samples.", "",
-          "| compression | accuracy | params | trained? | sample time (s) |", "| --- | --- | --- | --- | --- |"]
+          f"U[0, 0.5], coordinate noise {args.noise}), {morph_seconds / 60:.1f} min; K = {args.samples} samples.",
+          "",
+          f"| compression | accuracy (K = {args.samples}) | accuracy (K = 1) | params | trained? | sample time (s) |",
+          "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        md.append(f"| {100 * r['compression']:.1f}% | {100 * r['accuracy']:.2f}% | {r['params']:,} | "
-                  f"{'yes' if r['trained'] else '**no**'} | {r['sample_seconds']} |")
+        md.append(f"| {100 * r['compression']:.1f}% | {100 * r['accuracy']:.2f}% | {100 * r['accuracy_k1']:.2f}% | "
+                  f"{r['params']:,} | {'yes' if r['trained'] else '**no**'} | {r['sample_seconds']} |")
+    if ablations:
+        md += ["", f"Ablations ({args.ablation_steps} steps each, same base, K = {args.samples}):", "",
+               "| variant | 0% | 25% | 50% | 75%* | time (s) |", "| --- | --- | --- | --- | --- | --- |"]
+        for a in ablations:
+            md.append(f"| {a['variant']} | " + " | ".join(f"{100 * v:.2f}%" for v in a["accuracy"].values())
+                      + f" | {a['seconds']} |")
     write(args.name, result, "\n".join(md) + "\n")
 
 

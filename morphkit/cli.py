@@ -382,7 +382,7 @@ def demo(epochs: int, steps: int, progress: bool) -> None:
               help="Epochs of individual / slimmable training (default: the model's recipe).")
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="K noisy draws averaged (default: 50).")
 @click.option("--base", "base_file", type=click.Path(), default=None,
-              help="The trained base model file to prune (default: the manifold's full-width sample).")
+              help="The trained base model file to prune (default: the base stored in the manifold file).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N training images.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Evaluate on the first N test images.")

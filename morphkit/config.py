@@ -52,8 +52,8 @@ class INRConfig:
             plus the MLP's correction (False: the paper's pure INR).
     """
 
-    hidden: int = 256
-    layers: int = 5
+    hidden: int = 128
+    layers: int = 3
     n_freqs: int = 16
     residual: bool = True
 
@@ -96,7 +96,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     compression: tuple[float, float] = (0.0, 0.5)
     per_clique: bool = False
-    noise: float = 0.5
+    noise: float = 0.25
     l1: float = 1.0
     recon_fraction: float = 0.25
     l2: float = 1e-4

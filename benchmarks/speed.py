@@ -1,0 +1,134 @@
+"""Speed: ``sample(w, samples=50)`` time and the cost of a morph() step against a plain training step.
+
+For LeNet-5 (MNIST shapes), ResNet-20 (CIFAR-10 shapes) and timm resnet18
+(224x224): the time of ``Manifold.sample(w, samples=K)`` at a few widths, and,
+for LeNet-5 and ResNet-20, the wall time of one ``morph()`` step against one
+plain training step (forward, cross-entropy, backward, Adam) of the full-width
+network at the same batch, measured in the same run. Weights are random (speed
+does not depend on them); the morph-step cost is the difference between a
+``2n``-step and an ``n``-step run divided by ``n``, so set-up (tracing,
+smoothing, templates) is not counted. Writes ``benchmarks/results/speed.{json,md}``.
+
+    python benchmarks/speed.py                 # the default INR (MorphConfig())
+    python benchmarks/speed.py --threads 2 --batch 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from _common import machine, write
+
+import morphkit as mk
+
+MODELS = {  # name: (spec, input shape, classes)
+    "lenet5": ("lenet5", (1, 28, 28), 10),
+    "resnet20": ("resnet20", (3, 32, 32), 10),
+    "resnet18": ("timm:resnet18?num_classes=10", (3, 224, 224), 10),
+}
+
+
+def _data(shape: tuple[int, ...], classes: int, batch: int, n: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def plain_step_seconds(model: torch.nn.Module, data: list, repeats: int) -> float:
+    """Median wall time of one training step of ``model`` (forward, CE, backward, Adam)."""
+    model = model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    times = []
+    for i in range(repeats + 3):
+        x, y = data[i % len(data)]
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 3:  # warm-up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def morph_step_seconds(model: torch.nn.Module, data: list, x: torch.Tensor, cfg: mk.MorphConfig,
+                       steps: int) -> tuple[float, mk.Manifold]:
+    """Per-step cost of morph(): (time(2n steps) - time(n steps)) / n."""
+    import dataclasses
+
+    out = {}
+    for n in (steps, 2 * steps):
+        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=n))
+        manifold = mk.morph(model, data, example_inputs=x, config=c, progress=False, device="cpu")
+        out[n] = manifold.info["train_seconds"], manifold
+    return (out[2 * steps][0] - out[steps][0]) / steps, out[2 * steps][1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="lenet5,resnet20,resnet18")
+    ap.add_argument("--batch", type=int, default=128, help="batch of the step comparison")
+    ap.add_argument("--steps", type=int, default=20, help="n of the 2n-minus-n morph step timing")
+    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--widths", default="1.0,0.5")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=None, help="INR width (default: MorphConfig's)")
+    ap.add_argument("--layers", type=int, default=None, help="INR depth (default: MorphConfig's)")
+    ap.add_argument("--name", default="speed")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    base_inr = mk.INRConfig()
+    inr = mk.INRConfig(hidden=args.hidden or base_inr.hidden, layers=args.layers or base_inr.layers)
+    cfg = mk.MorphConfig(inr=inr, samples=args.samples)
+    widths = [float(w) for w in args.widths.split(",")]
+    rows = []
+    for name in args.models.split(","):
+        spec, shape, classes = MODELS[name]
+        torch.manual_seed(0)
+        model = mk.build_model(spec).eval()
+        x = torch.zeros(1, *shape)
+        row: dict = {"model": name, "params": sum(p.numel() for p in model.parameters())}
+        if name != "resnet18":
+            data = _data(shape, classes, args.batch, 4)
+            row["plain_step_s"] = plain_step_seconds(mk.build_model(spec), data, repeats=20)
+            row["morph_step_s"], manifold = morph_step_seconds(model, data, x, cfg, args.steps)
+            row["step_ratio"] = row["morph_step_s"] / row["plain_step_s"]
+        else:  # sampling only: a 2-step manifold is enough to time sample()
+            import dataclasses
+
+            c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=2))
+            manifold = mk.morph(model, _data(shape, classes, 2, 1), example_inputs=x, config=c, progress=False,
+                                device="cpu")
+        row["inr_params"] = sum(p.numel() for p in manifold.inr.parameters())
+        row["rows_full_width"] = manifold.builder.table(manifold.builder.full()).rows
+        for w in widths:
+            manifold.sample(w, samples=2)  # warm the template and coordinate caches
+            t0 = time.perf_counter()
+            manifold.sample(w, samples=args.samples)
+            row[f"sample_{w:g}_s"] = time.perf_counter() - t0
+        rows.append(row)
+        print(row, flush=True)
+    result = {"machine": machine(), "inr": {"hidden": inr.hidden, "layers": inr.layers, "n_freqs": inr.n_freqs},
+              "batch": args.batch, "samples": args.samples, "rows": rows}
+    m = result["machine"]
+    md = [f"# {args.name}: sampling time and morph-step cost", "",
+          f"Command: `{m['command']}`  ",
+          f"Machine: {m['cpu']}, {m['cores']} cores, {args.threads} torch threads; torch {m['torch']}; "
+          f"{m['date']}  ",
+          f"INR {inr.hidden}x{inr.layers}, K = {args.samples} samples, batch {args.batch}.", "",
+          "| model | params | INR params | rows (full) | " + " | ".join(f"sample({w:g}) s" for w in widths)
+          + " | plain step ms | morph step ms | ratio |",
+          "| --- " * (7 + len(widths)) + "|"]
+    for r in rows:
+        step = (f"{1e3 * r['plain_step_s']:.1f} | {1e3 * r['morph_step_s']:.1f} | {r['step_ratio']:.2f}x"
+                if "plain_step_s" in r else "- | - | -")
+        md.append(f"| {r['model']} | {r['params']:,} | {r['inr_params']:,} | {r['rows_full_width']:,} | "
+                  + " | ".join(f"{r[f'sample_{w:g}_s']:.2f}" for w in widths) + f" | {step} |")
+    write(args.name, result, "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
