@@ -247,7 +247,7 @@ def morph_cmd(model: str, data_spec: str, epochs: int | None, steps: int | None,
 
     from morphkit.config import MorphConfig
     from morphkit.data import load_data, make_loaders
-    from morphkit.train import morph
+    from morphkit.train import MorphInterrupted, morph
 
     cfg = MorphConfig.load(config_path) if config_path else MorphConfig()
     overrides = {k: v for k, v in (("epochs", epochs), ("steps", steps), ("seed", seed)) if v is not None}
@@ -263,9 +263,7 @@ def morph_cmd(model: str, data_spec: str, epochs: int | None, steps: int | None,
         manifold = morph(net, train_dl, example_inputs=x, config=cfg, eval_data=test_dl, device=device,
                          progress=progress and sys.stderr.isatty(), checkpoint_dir=checkpoint_dir,
                          resume=resume, checkpoint_every=checkpoint_every)
-    except KeyboardInterrupt:
-        if checkpoint_dir is None:
-            raise
+    except MorphInterrupted:
         click.echo(f"interrupted; checkpoint written to {checkpoint_dir}; continue with the same command "
                    "and --resume", err=True)
         sys.exit(130)

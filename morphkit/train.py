@@ -54,7 +54,7 @@ from morphkit.inr import INR
 from morphkit.manifold import Manifold, as_inputs, build_inr, predict_tensors
 from morphkit.models import arch_of, task_of, vae_loss
 
-__all__ = ["morph", "prepare_base", "draw_widths"]
+__all__ = ["morph", "prepare_base", "draw_widths", "MorphInterrupted"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def _stream(data: Iterable, state: TrainState, rank: int, world: int) -> Iterato
     """
     n_batches = len(data) if hasattr(data, "__len__") else None
     while True:
-        if n_batches is not None and state.pos > 0 and state.pos >= n_batches - (n_batches % world if world > 1 else 0):
+        if n_batches is not None and state.pos > 0 and state.pos >= n_batches - n_batches % world:
             state.epoch, state.pos = state.epoch + 1, 0
         if hasattr(data, "set_epoch"):
             data.set_epoch(state.start_epoch + state.epoch)
@@ -215,6 +215,10 @@ def _distributed(dev: torch.device) -> tuple[int, int, bool]:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         return dist.get_rank(), dist.get_world_size(), True
     return 0, 1, False
+
+
+class MorphInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped ``morph()`` after it wrote a checkpoint (resume with ``resume=True``)."""
 
 
 class _Interrupt:
@@ -321,170 +325,186 @@ def morph(
 
     dev = torch.device(device) if device is not None else default_device()
     rank, world, owns_group = _distributed(dev)
-    if world > 1 and dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    inputs = as_inputs(example_inputs)
-    ckpt_path: Path | None = None
-    loaded: tuple[dict, dict] | None = None
-    fingerprint: dict[str, Any] = {}
-    if checkpoint_dir is not None:
-        ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
-        if rank == 0:
-            check_writable(checkpoint_dir)
-        fingerprint = run_fingerprint(model, cfg.to_dict(), world)
-        if ckpt_path.is_file():
-            if not resume:
-                raise CheckpointError(f"{str(ckpt_path)!r} already holds a checkpoint; pass resume=True "
-                                      "(--resume) to continue it, or use another checkpoint directory")
-            loaded = load_checkpoint(ckpt_path, fingerprint)
-            logger.info("resuming from %s at step %d", ckpt_path, loaded[1]["state"]["step"])
-        elif resume:
-            logger.info("no checkpoint in %s yet: starting from step 0", checkpoint_dir)
-    torch.manual_seed(tc.seed)
-    t_start = time.perf_counter()
-    old_perms = None if loaded is None else {int(k): v for k, v in loaded[1]["perms"].items()}
-    base, cliques, perms, fused = prepare_base(model, inputs, cfg, perms=old_perms)
-    state_dict = base.state_dict()
-    layouts, static_names = plan_layouts(cliques, state_dict, {n for n, _ in base.named_parameters()})
-    if not layouts:
-        raise UnsupportedModelError("no tensor of this model depends on a resizable clique; nothing to learn")
-    static = {n: state_dict[n].detach().clone() for n in static_names}
-    inr = build_inr(layouts, cfg)
-    manifold = Manifold(inr, cliques, layouts, static, base, inputs, cfg, arch_of(model), perms, fused_bn=fused)
-    builder = manifold.builder
-    if inr.residual:
-        inr.set_grids([builder.grid(k, state_dict[lt.name].detach().float()) for k, lt in enumerate(layouts)])
-    if loss_fn is None:
-        loss_fn = vae_loss if task_of(model) == "vae" else classification_loss()
-    logger.info("morph: %d cliques (%d resizable), %d predicted tensors, %d static, INR %d params",
-                len(cliques), sum(not c.fixed for c in cliques), len(layouts), len(static),
-                sum(p.numel() for p in inr.parameters()))
+    try:
+        if world > 1 and dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        inputs = as_inputs(example_inputs)
+        ckpt_path: Path | None = None
+        loaded: tuple[dict, dict] | None = None
+        fingerprint: dict[str, Any] = {}
+        if checkpoint_dir is not None:
+            ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+            failure: Exception | None = None
+            if rank == 0:
+                try:
+                    check_writable(checkpoint_dir)
+                except CheckpointError as e:
+                    failure = e
+            if _any_rank(failure is not None, world, dev):
+                raise failure or CheckpointError(f"rank 0 cannot write to {str(checkpoint_dir)!r}; see its error")
+            fingerprint = run_fingerprint(model, cfg.to_dict(), world)
+            if ckpt_path.is_file():
+                if not resume:
+                    raise CheckpointError(f"{str(ckpt_path)!r} already holds a checkpoint; pass resume=True "
+                                          "(--resume) to continue it, or use another checkpoint directory")
+                loaded = load_checkpoint(ckpt_path, fingerprint)
+                logger.info("resuming from %s at step %d", ckpt_path, loaded[1]["state"]["step"])
+            elif resume:
+                logger.info("no checkpoint in %s yet: starting from step 0", checkpoint_dir)
+        torch.manual_seed(tc.seed)
+        t_start = time.perf_counter()
+        old_perms = None if loaded is None else {int(k): v for k, v in loaded[1]["perms"].items()}
+        if world > 1 and old_perms is None and cfg.smooth.enabled and cfg.smooth.time_budget is not None:
+            # a timed solve differs between processes: rank 0's order is used by every rank
+            box = [prepare_base(model, inputs, cfg)[2] if rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            old_perms = box[0]
+        base, cliques, perms, fused = prepare_base(model, inputs, cfg, perms=old_perms)
+        state_dict = base.state_dict()
+        layouts, static_names = plan_layouts(cliques, state_dict, {n for n, _ in base.named_parameters()})
+        if not layouts:
+            raise UnsupportedModelError("no tensor of this model depends on a resizable clique; nothing to learn")
+        static = {n: state_dict[n].detach().clone() for n in static_names}
+        inr = build_inr(layouts, cfg)
+        manifold = Manifold(inr, cliques, layouts, static, base, inputs, cfg, arch_of(model), perms, fused_bn=fused)
+        builder = manifold.builder
+        if inr.residual:
+            inr.set_grids([builder.grid(k, state_dict[lt.name].detach().float()) for k, lt in enumerate(layouts)])
+        if loss_fn is None:
+            loss_fn = vae_loss if task_of(model) == "vae" else classification_loss()
+        logger.info("morph: %d cliques (%d resizable), %d predicted tensors, %d static, INR %d params",
+                    len(cliques), sum(not c.fixed for c in cliques), len(layouts), len(static),
+                    sum(p.numel() for p in inr.parameters()))
 
-    # reconstruction targets: the smoothed base tensors as rows of the full-width table
-    full = builder.full()
-    full_table = builder.table(full)
-    targets = [builder.to_rows(k, full_table, state_dict[lt.name].detach().float()).to(dev)
-               for k, lt in enumerate(layouts)]
-    norms = [t.pow(2).mean().clamp_min(1e-12) for t in targets]
+        # reconstruction targets: the smoothed base tensors as rows of the full-width table
+        full = builder.full()
+        full_table = builder.table(full)
+        targets = [builder.to_rows(k, full_table, state_dict[lt.name].detach().float()).to(dev)
+                   for k, lt in enumerate(layouts)]
+        norms = [t.pow(2).mean().clamp_min(1e-12) for t in targets]
 
-    inr.to(dev).train()
-    ema = copy.deepcopy(inr).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    per_pass = len(train_data) // world if hasattr(train_data, "__len__") else 1
-    steps = tc.steps or tc.epochs * max(1, per_pass)
-    opt = torch.optim.Adam(inr.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    gen = torch.Generator().manual_seed(tc.seed + rank)
-    teacher = base.to(dev) if tc.distill > 0 else None
-    state = TrainState(start_epoch=int(getattr(train_data, "epoch", 0) or 0))
-    if loaded is not None:
-        tensors, meta = loaded
-        if int(meta["total_steps"]) != steps:
-            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} is of a {meta['total_steps']}-step run, this "
-                                  f"run has {steps} steps (different data size?); resume with the same data")
-        inr.load_state_dict(split_prefix(tensors, "inr"))
-        ema.load_state_dict(split_prefix(tensors, "ema"))
-        opt.load_state_dict(optimizer_state(tensors, meta))
-        sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
-        gen.set_state(tensors[f"rng.gen.{rank}"])
-        state = TrainState(**meta["state"])
-    step_module = _Step(inr, builder, full_table, targets, norms, loss_fn, cfg, teacher)
-    runner: nn.Module = step_module
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        runner = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                         find_unused_parameters=tc.tensor_fraction < 1)
-
-    def write_checkpoint() -> None:
-        if ckpt_path is None:
-            return
-        gens = [gen.get_state()]
+        inr.to(dev).train()
+        ema = copy.deepcopy(inr).eval()
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        per_pass = len(train_data) // world if hasattr(train_data, "__len__") else 1
+        steps = tc.steps or tc.epochs * max(1, per_pass)
+        opt = torch.optim.Adam(inr.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        gen = torch.Generator().manual_seed(tc.seed + rank)
+        teacher = base.to(dev) if tc.distill > 0 else None
+        state = TrainState(start_epoch=int(getattr(train_data, "epoch", 0) or 0))
+        if loaded is not None:
+            tensors, meta = loaded
+            if int(meta["total_steps"]) != steps:
+                raise CheckpointError(f"checkpoint {str(ckpt_path)!r} is of a {meta['total_steps']}-step run, this "
+                                      f"run has {steps} steps (different data size?); resume with the same data")
+            inr.load_state_dict(split_prefix(tensors, "inr"))
+            ema.load_state_dict(split_prefix(tensors, "ema"))
+            opt.load_state_dict(optimizer_state(tensors, meta))
+            sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
+            gen.set_state(tensors[f"rng.gen.{rank}"])
+            state = TrainState(**meta["state"])
+        step_module = _Step(inr, builder, full_table, targets, norms, loss_fn, cfg, teacher)
+        runner: nn.Module = step_module
         if world > 1:
-            gens = [torch.empty_like(gens[0]) for _ in range(world)]
-            dist.all_gather(gens, gen.get_state().to(dev) if dev.type == "cuda" else gen.get_state())
-            gens = [g.cpu() for g in gens]
-        if rank == 0:
-            save_checkpoint(ckpt_path, inr=inr, ema=ema, optimizer=opt, scheduler=sched, generators=gens,
-                            perms=perms, state=state, total_steps=steps, fingerprint=fingerprint)
-            logger.info("checkpoint at step %d written to %s", state.step, ckpt_path)
+            from torch.nn.parallel import DistributedDataParallel
 
-    if loaded is not None:
-        restore_rng(*_rng_part(loaded))
-    static_cache: dict[tuple, dict[str, torch.Tensor]] = {}
-    data_iter = _stream(train_data, state, rank, world)
-    n_pred = len(layouts)
-    t0 = time.perf_counter() - state.train_seconds
-    bar = tqdm(range(state.step, steps), desc="morph", disable=not progress or rank != 0,
-               initial=state.step, total=steps)
-    with _Interrupt(ckpt_path is not None) as interrupt:
-        for step in bar:
-            if _any_rank(interrupt.hit, world, dev):
-                state.train_seconds = time.perf_counter() - t0
-                write_checkpoint()
-                bar.close()
-                raise KeyboardInterrupt(f"morph interrupted at step {step}; checkpoint in {checkpoint_dir}")
-            batch = _to(next(data_iter), dev)
-            counts = draw_widths(cliques, tc.compression[0], tc.compression[1], tc.per_clique, gen)
-            table = builder.table(counts)
-            template = manifold.template(counts)
-            key = tuple(sorted(counts.items()))
-            if key not in static_cache:
-                static_cache[key] = {n: t.to(dev) for n, t in manifold.static_tensors(counts).items()}
-            which = None
-            if tc.tensor_fraction < 1:
-                k = max(1, round(tc.tensor_fraction * n_pred))
-                which = sorted(torch.randperm(n_pred, generator=gen)[:k].tolist())
-            loss, task, recon = runner(batch, table, template, static_cache[key], which, gen)
-            width = sum(counts.values()) / sum(full.values())
-            if _any_rank(not bool(torch.isfinite(loss)), world, dev):
-                raise TrainingError(f"loss became {loss.item()} at step {step} on rank {rank} (width map {counts}, "
-                                    f"mean width {width:.2f}); the last checkpoint is kept; lower train.lr or "
-                                    "check the data and loss_fn")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(inr.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-            if not torch.isfinite(gnorm):
-                raise TrainingError(f"gradient norm became {gnorm.item()} at step {step} (mean width "
-                                    f"{width:.2f}); the last checkpoint is kept; lower train.lr or train.grad_clip")
-            opt.step()
-            sched.step()
-            _ema_update(ema, inr, tc.ema, step)
-            x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
-            state.seen += x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else 1
-            state.step = step + 1
-            rec = {"step": step, "loss": loss.item(), "task": task.item(), "recon": recon.item(), "width": width}
-            if step % 10 == 0 or step == steps - 1:
-                state.history.append(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", task=f"{rec['task']:.4f}", width=f"{width:.2f}",
-                                img_s=f"{world * state.seen / max(1e-9, time.perf_counter() - t0):.0f}")
-            if (eval_data is not None and rank == 0 and tc.eval_every and (step + 1) % tc.eval_every == 0
-                    and step + 1 < steps):
-                manifold.inr = ema
-                state.evals.append({"step": step + 1,
-                                    **_eval_widths(manifold, eval_data, tc.eval_compressions, samples=1)})
-                logger.info("step %d: %s", step + 1, state.evals[-1])
-            if state.step % checkpoint_every == 0 or state.step == steps:
-                state.train_seconds = time.perf_counter() - t0
-                write_checkpoint()
-    bar.close()
-    if owns_group:
-        dist.destroy_process_group()
-    train_seconds = time.perf_counter() - t0
-    manifold.inr = ema.cpu().eval()
-    manifold.base = base.cpu().eval()
-    manifold._templates.clear()
-    info: dict[str, Any] = {"steps": steps, "seconds": round(time.perf_counter() - t_start, 1),
-                            "train_seconds": round(train_seconds, 1), "world_size": world,
-                            "images_per_s": round(world * state.seen / max(train_seconds, 1e-9), 1),
-                            "history": state.history[-200:], "evals": state.evals}
-    if eval_data is not None and rank == 0:
-        info["base_metrics"] = evaluate(base, eval_data)
-        info["final"] = _eval_widths(manifold, eval_data, tc.eval_compressions, samples=cfg.samples)
-        logger.info("final: %s (base %s)", info["final"], info["base_metrics"])
-    manifold.info = info
-    return manifold
+            runner = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                             find_unused_parameters=tc.tensor_fraction < 1)
+
+        def write_checkpoint() -> None:
+            if ckpt_path is None:
+                return
+            gens = [gen.get_state()]
+            if world > 1:
+                mine = gen.get_state().to(dev)  # nccl gathers on the GPU, gloo on the CPU
+                gens = [torch.empty_like(mine) for _ in range(world)]
+                dist.all_gather(gens, mine)
+                gens = [g.cpu() for g in gens]
+            if rank == 0:
+                save_checkpoint(ckpt_path, inr=inr, ema=ema, optimizer=opt, scheduler=sched, generators=gens,
+                                perms=perms, state=state, total_steps=steps, fingerprint=fingerprint)
+                logger.info("checkpoint at step %d written to %s", state.step, ckpt_path)
+
+        if loaded is not None:
+            restore_rng(*_rng_part(loaded))
+        static_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        data_iter = _stream(train_data, state, rank, world)
+        n_pred = len(layouts)
+        t0 = time.perf_counter() - state.train_seconds
+        bar = tqdm(range(state.step, steps), desc="morph", disable=not progress or rank != 0,
+                   initial=state.step, total=steps)
+        with _Interrupt(ckpt_path is not None) as interrupt:
+            for step in bar:
+                if _any_rank(interrupt.hit, world, dev):
+                    state.train_seconds = time.perf_counter() - t0
+                    write_checkpoint()
+                    bar.close()
+                    raise MorphInterrupted(f"morph interrupted at step {step}; checkpoint in {checkpoint_dir}")
+                batch = _to(next(data_iter), dev)
+                counts = draw_widths(cliques, tc.compression[0], tc.compression[1], tc.per_clique, gen)
+                table = builder.table(counts)
+                template = manifold.template(counts)
+                key = tuple(sorted(counts.items()))
+                if key not in static_cache:
+                    static_cache[key] = {n: t.to(dev) for n, t in manifold.static_tensors(counts).items()}
+                which = None
+                if tc.tensor_fraction < 1:
+                    k = max(1, round(tc.tensor_fraction * n_pred))
+                    which = sorted(torch.randperm(n_pred, generator=gen)[:k].tolist())
+                loss, task, recon = runner(batch, table, template, static_cache[key], which, gen)
+                width = sum(counts.values()) / sum(full.values())
+                if _any_rank(not bool(torch.isfinite(loss)), world, dev):
+                    what = (loss.item() if world == 1 else
+                            f"non-finite on one of {world} processes ({loss.item()} on rank {rank})")
+                    raise TrainingError(f"loss became {what} at step {step} (width map {counts}, mean width "
+                                        f"{width:.2f}); the last checkpoint is kept; lower train.lr or check the "
+                                        "data and loss_fn")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(inr.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+                if not torch.isfinite(gnorm):
+                    raise TrainingError(f"gradient norm became {gnorm.item()} at step {step} (mean width "
+                                        f"{width:.2f}); the last checkpoint is kept; lower train.lr or train.grad_clip")
+                opt.step()
+                sched.step()
+                _ema_update(ema, inr, tc.ema, step)
+                x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
+                state.seen += x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else 1
+                state.step = step + 1
+                rec = {"step": step, "loss": loss.item(), "task": task.item(), "recon": recon.item(), "width": width}
+                if step % 10 == 0 or step == steps - 1:
+                    state.history.append(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", task=f"{rec['task']:.4f}", width=f"{width:.2f}",
+                                    img_s=f"{world * state.seen / max(1e-9, time.perf_counter() - t0):.0f}")
+                if (eval_data is not None and rank == 0 and tc.eval_every and (step + 1) % tc.eval_every == 0
+                        and step + 1 < steps):
+                    manifold.inr = ema
+                    state.evals.append({"step": step + 1,
+                                        **_eval_widths(manifold, eval_data, tc.eval_compressions, samples=1)})
+                    logger.info("step %d: %s", step + 1, state.evals[-1])
+                if state.step % checkpoint_every == 0 or state.step == steps:
+                    state.train_seconds = time.perf_counter() - t0
+                    write_checkpoint()
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        manifold.inr = ema.cpu().eval()
+        manifold.base = base.cpu().eval()
+        manifold._templates.clear()
+        info: dict[str, Any] = {"steps": steps, "seconds": round(time.perf_counter() - t_start, 1),
+                                "train_seconds": round(train_seconds, 1), "world_size": world,
+                                "images_per_s": round(world * state.seen / max(train_seconds, 1e-9), 1),
+                                "history": state.history[-200:], "evals": state.evals}
+        if eval_data is not None and rank == 0:
+            info["base_metrics"] = evaluate(base, eval_data)
+            info["final"] = _eval_widths(manifold, eval_data, tc.eval_compressions, samples=cfg.samples)
+            logger.info("final: %s (base %s)", info["final"], info["base_metrics"])
+        manifold.info = info
+        return manifold
+    finally:
+        if owns_group:  # also after an error, so a later call can start a new group
+            dist.destroy_process_group()
 
 
 def _rng_part(loaded: tuple[dict, dict]) -> tuple[dict, dict]:

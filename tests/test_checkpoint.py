@@ -139,10 +139,20 @@ def test_nan_loss_names_step_and_keeps_last_checkpoint(tmp_path):
 # --- real process kills -------------------------------------------------------------------------
 
 _SCRIPT = r"""
-import sys, torch, morphkit as mk
+import os, signal, sys, torch, morphkit as mk
 from morphkit.data import load_data, make_loaders
+from morphkit.fit import classification_loss
 torch.set_num_threads(1)
 out, ckpt, steps, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+interrupt_at, every = int(sys.argv[5]), int(sys.argv[6])
+ce, calls = classification_loss(), [0]
+
+def loss_fn(model, batch):  # Ctrl-C from inside step `interrupt_at` (0: never)
+    calls[0] += 1
+    if calls[0] == interrupt_at:
+        os.kill(os.getpid(), signal.SIGINT)
+    return ce(model, batch)
+
 torch.manual_seed(0)
 model = mk.build_model("mlp?hidden=[24,12]")
 train, _ = make_loaders(load_data("embedded"), batch_size=32, seed=seed, limit=160)
@@ -150,20 +160,23 @@ cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2, n_freqs=4),
                      train=mk.TrainConfig(steps=steps, seed=seed), samples=2)
 try:
     m = mk.morph(model, train, example_inputs=torch.zeros(1, 1, 28, 28), config=cfg, progress=False,
-                 checkpoint_dir=None if ckpt == "-" else ckpt, resume=ckpt != "-", checkpoint_every=2)
+                 checkpoint_dir=None if ckpt == "-" else ckpt, resume=ckpt != "-", checkpoint_every=every,
+                 loss_fn=loss_fn)
 except KeyboardInterrupt:
     sys.exit(130)
 m.save(out)
 """
 
 
-def _run(tmp: Path, out: str, ckpt: str, steps: int, seed: int) -> subprocess.Popen:
+def _run(tmp: Path, out: str, ckpt: str, steps: int, seed: int, interrupt_at: int = 0,
+         every: int = 2) -> subprocess.Popen:
     script = tmp / "run_morph.py"
     script.write_text(_SCRIPT)
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen([sys.executable, str(script), out, ckpt, str(steps), str(seed)], env=env,
+    return subprocess.Popen([sys.executable, str(script), out, ckpt, str(steps), str(seed), str(interrupt_at),
+                             str(every)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -202,7 +215,16 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
 
 
 def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path):
-    _kill_and_resume(tmp_path, seed=1, kill_after_step=4, sig=signal.SIGINT)
+    steps, seed = 40, 1
+    ckpt = tmp_path / "ckpt"
+    p = _run(tmp_path, str(tmp_path / "killed.safetensors"), str(ckpt), steps, seed, interrupt_at=13, every=1000)
+    assert p.wait(180) == 130, p.stdout.read().decode()[-3000:]  # a clean exit, no traceback
+    assert _step_of(ckpt / CHECKPOINT_NAME) == 13  # written by the interrupt itself, after step 13 completed
+    ref = _run(tmp_path, str(tmp_path / "ref.safetensors"), "-", steps, seed)
+    resumed = _run(tmp_path, str(tmp_path / "resumed.safetensors"), str(ckpt), steps, seed, every=1000)
+    for proc in (ref, resumed):
+        assert proc.wait(180) == 0, proc.stdout.read().decode()[-2000:]
+    _same(mk.Manifold.load(tmp_path / "ref.safetensors"), mk.Manifold.load(tmp_path / "resumed.safetensors"))
 
 
 @pytest.mark.slow
