@@ -1,0 +1,61 @@
+"""Total variation of a trained network before and after smoothing (issue "Any model" target: >= 15% lower).
+
+Loads the committed trained bases in ``benchmarks/results/base/`` (LeNet-5 on
+MNIST; ResNet-20 on CIFAR-10 when present), folds BatchNorm, and measures
+``total_variation`` before and after ``smooth`` with the default solver and
+with time budgets. The function is preserved (checked). Writes
+``benchmarks/results/smoothing_tv.{json,md}``.
+
+    python benchmarks/smoothing_tv.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from _common import RESULTS, machine, write
+
+import morphkit as mk
+
+BASES = {"lenet5-mnist": (1, 28, 28), "resnet20-cifar10": (3, 32, 32)}
+BUDGETS = (None, 1.0, 5.0)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    rows = []
+    for name, shape in BASES.items():
+        path = RESULTS / "base" / f"{name}.safetensors"
+        if not path.is_file():
+            print(f"{name}: no trained base at {path}; skipped", flush=True)
+            continue
+        base = mk.fuse_bn(mk.load_model(path))
+        x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
+        tv0 = mk.total_variation(base, x[:1])
+        for budget in BUDGETS:
+            t0 = time.perf_counter()
+            smoothed, _ = mk.smooth(base, x[:1], time_budget=budget)
+            seconds = time.perf_counter() - t0
+            tv1 = mk.total_variation(smoothed, x[:1])
+            with torch.no_grad():
+                a, b = base(x), smoothed(x)
+            rows.append({"model": name, "time_budget": budget, "tv_before": tv0, "tv_after": tv1,
+                         "reduction": 1 - tv1 / tv0, "seconds": round(seconds, 2),
+                         "max_rel_diff": float((a - b).abs().max() / a.abs().max())})
+            print(rows[-1], flush=True)
+    result = {"machine": machine(), "rows": rows}
+    m = result["machine"]
+    md = ["# smoothing_tv: total variation of trained bases before and after smoothing", "",
+          f"Command: `{m['command']}`  ", f"Machine: {m['cpu']}, {m['cores']} cores (1 torch thread); torch "
+          f"{m['torch']}; {m['date']}", "",
+          "| model | time budget (s) | TV before | TV after | reduction | smooth s | max output diff (rel) |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        md.append(f"| {r['model']} | {r['time_budget'] or 'default'} | {r['tv_before']:.5f} | {r['tv_after']:.5f} | "
+                  f"{100 * r['reduction']:.1f}% | {r['seconds']} | {r['max_rel_diff']:.1e} |")
+    write("smoothing_tv", result, "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
