@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from morphkit.clique import Clique, width_map
 from morphkit.errors import ConfigError, TrainingError
+from morphkit.fit import to_device
 from morphkit.graph import copy_with, keep_positions, member_channels, permute_state
 
 __all__ = [
@@ -81,14 +82,6 @@ def _default_loss(model: nn.Module) -> LossFn:
     from morphkit.models import task_of, vae_loss
 
     return vae_loss if task_of(model) == "vae" else classification_loss()
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    return batch
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -215,7 +208,7 @@ def _elementwise(model: nn.Module, method: str, data: Iterable | None, loss_fn: 
             for i, batch in enumerate(data):  # type: ignore[union-attr]
                 if i >= batches:
                     break
-                grads = torch.autograd.grad(loss_fn(net, _to(batch, device)), list(named.values()),
+                grads = torch.autograd.grad(loss_fn(net, to_device(batch, device)), list(named.values()),
                                             allow_unused=True)
                 for k, g in zip(named, grads):
                     if g is not None:
@@ -235,7 +228,7 @@ def _elementwise(model: nn.Module, method: str, data: Iterable | None, loss_fn: 
             take = min(_batch_len(batch), hessian_samples - count)
             if take <= 0:
                 break
-            part = _to(_split(batch, 0, take), device)
+            part = to_device(_split(batch, 0, take), device)
             sq = None
             if use_vmap:
                 try:
@@ -626,7 +619,7 @@ def recalibrate_all_bn(net: nn.Module, data: Iterable, batches: int = 20) -> int
         if i >= batches:
             break
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        net(_to(x, dev))
+        net(to_device(x, dev))
     for m, (mom, tr) in zip(bns, saved):
         m.momentum = mom
         m.train(tr)
@@ -822,7 +815,7 @@ def train_slimmable(model: nn.Module, data: Iterable, widths: Sequence[float] = 
     for epoch in range(epochs):
         running, n = 0.0, 0
         for batch in tqdm(data, desc=f"slimmable {epoch + 1}/{epochs}", disable=not progress, leave=False):
-            batch = _to(batch, dev)
+            batch = to_device(batch, dev)
             opt.zero_grad(set_to_none=True)
             draws = [w_hi, w_lo] + [float(rng.uniform(w_lo, w_hi)) for _ in range(n_random)]
             teacher = None

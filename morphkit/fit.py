@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from morphkit.errors import ConfigError, TrainingError
 from morphkit.models import task_of, vae_loss
 
-__all__ = ["fit", "evaluate", "FitHistory", "default_device", "classification_loss"]
+__all__ = ["fit", "evaluate", "FitHistory", "default_device", "classification_loss", "to_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _to(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move a tensor or a (nested) tuple/list of tensors to ``device``; other objects pass through."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
+        return type(batch)(to_device(b, device) for b in batch)
     return batch
 
 
@@ -142,7 +143,7 @@ def fit(
         running, n_batches = 0.0, 0
         bar = tqdm(train_data, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for batch in bar:
-            batch = _to(batch, device)
+            batch = to_device(batch, device)
             loss = loss_fn(net, batch)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {n_batches}; "
@@ -207,7 +208,7 @@ def evaluate(model: nn.Module, data: Iterable, *, task: str | None = None,
     n = 0
     try:
         for batch in data:
-            x, y = _to(batch[0], device), _to(batch[1], device)
+            x, y = to_device(batch[0], device), to_device(batch[1], device)
             if task == "vae":
                 target = torch.flatten(x, 1)
                 if target.min() < 0 or target.max() > 1:

@@ -49,7 +49,7 @@ from morphkit.checkpoint import (
 from morphkit.config import MorphConfig
 from morphkit.coords import WidthMap, plan_layouts
 from morphkit.errors import CheckpointError, ConfigError, TrainingError, UnsupportedModelError
-from morphkit.fit import classification_loss, evaluate
+from morphkit.fit import classification_loss, evaluate, to_device
 from morphkit.inr import INR
 from morphkit.manifold import Manifold, as_inputs, build_inr, predict_tensors
 from morphkit.models import arch_of, task_of, vae_loss
@@ -442,7 +442,7 @@ def morph(
                     write_checkpoint()
                     bar.close()
                     raise MorphInterrupted(f"morph interrupted at step {step}; checkpoint in {checkpoint_dir}")
-                batch = _to(next(data_iter), dev)
+                batch = to_device(next(data_iter), dev)
                 counts = draw_widths(cliques, tc.compression[0], tc.compression[1], tc.per_clique, gen)
                 table = builder.table(counts)
                 template = manifold.template(counts)
@@ -510,14 +510,6 @@ def morph(
 def _rng_part(loaded: tuple[dict, dict]) -> tuple[dict, dict]:
     tensors, meta = loaded
     return {k: v for k, v in tensors.items() if k.startswith("rng.")}, meta["rng"]
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    return batch
 
 
 def _recon_loss(inr: INR, builder: Any, table: Any, targets: list[torch.Tensor], norms: list[torch.Tensor],
