@@ -3,7 +3,9 @@
 Loads the committed trained bases in ``benchmarks/results/base/`` (LeNet-5 on
 MNIST; ResNet-20 on CIFAR-10 when present), folds BatchNorm, and measures
 ``total_variation`` before and after ``smooth`` with the default solver and
-with time budgets. The function is preserved (checked). Writes
+with time budgets. The function is preserved (checked). Also times
+``smooth`` on the whole of timm resnet50 (random weights, BN folded) with 2
+threads, the issue's "<= 5 s on 2 cores" target. Writes
 ``benchmarks/results/smoothing_tv.{json,md}``.
 
     python benchmarks/smoothing_tv.py
@@ -44,7 +46,19 @@ def main() -> None:
                          "reduction": 1 - tv1 / tv0, "seconds": round(seconds, 2),
                          "max_rel_diff": float((a - b).abs().max() / a.abs().max())})
             print(rows[-1], flush=True)
-    result = {"machine": machine(), "rows": rows}
+    torch.set_num_threads(2)
+    r50 = mk.fuse_bn(mk.build_model("timm:resnet50").eval())
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    cliques = mk.find_cliques(r50, x)
+    mk.smooth(r50, x, cliques)  # numba compiled, caches warm
+    walls = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        mk.smooth(r50, x, cliques)
+        walls.append(round(time.perf_counter() - t0, 2))
+    resnet50 = {"walls_s": walls, "median_s": sorted(walls)[1], "cliques": len(cliques)}
+    print("resnet50", resnet50, flush=True)
+    result = {"machine": machine(), "rows": rows, "resnet50_smooth": resnet50}
     m = result["machine"]
     md = ["# smoothing_tv: total variation of trained bases before and after smoothing", "",
           f"Command: `{m['command']}`  ", f"Machine: {m['cpu']}, {m['cores']} cores (1 torch thread); torch "
@@ -54,6 +68,8 @@ def main() -> None:
     for r in rows:
         md.append(f"| {r['model']} | {r['time_budget'] or 'default'} | {r['tv_before']:.5f} | {r['tv_after']:.5f} | "
                   f"{100 * r['reduction']:.1f}% | {r['seconds']} | {r['max_rel_diff']:.1e} |")
+    md += ["", f"Smoothing all {resnet50['cliques']} cliques of timm resnet50 (2 threads, after one warm-up run): "
+           f"median {resnet50['median_s']} s of {resnet50['walls_s']}."]
     write("smoothing_tv", result, "\n".join(md) + "\n")
 
 
