@@ -78,10 +78,9 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def _default_loss(model: nn.Module) -> LossFn:
-    from morphkit.fit import classification_loss
-    from morphkit.models import task_of, vae_loss
+    from morphkit.fit import default_loss
 
-    return vae_loss if task_of(model) == "vae" else classification_loss()
+    return default_loss(model)
 
 
 def _device_of(model: nn.Module) -> torch.device:

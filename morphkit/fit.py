@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from morphkit.errors import ConfigError, TrainingError
 from morphkit.models import task_of, vae_loss
 
-__all__ = ["fit", "evaluate", "FitHistory", "default_device", "classification_loss", "to_device"]
+__all__ = ["fit", "evaluate", "FitHistory", "default_device", "classification_loss", "default_loss", "to_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ class FitHistory:
     eval: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     images_per_s: float = 0.0
+
+
+def default_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
+    """The training loss morphkit uses when none is given: the ELBO for the registry VAE, else cross-entropy."""
+    return vae_loss if task_of(model) == "vae" else classification_loss(label_smoothing)
 
 
 def fit(
@@ -119,7 +124,7 @@ def fit(
     torch.manual_seed(seed)
     net = copy.deepcopy(model).to(device).train()
     if loss_fn is None:
-        loss_fn = vae_loss if task_of(model) == "vae" else classification_loss(label_smoothing)
+        loss_fn = default_loss(model, label_smoothing)
     params = [p for p in net.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum,

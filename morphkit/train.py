@@ -49,10 +49,10 @@ from morphkit.checkpoint import (
 from morphkit.config import MorphConfig
 from morphkit.coords import WidthMap, plan_layouts
 from morphkit.errors import CheckpointError, ConfigError, TrainingError, UnsupportedModelError
-from morphkit.fit import classification_loss, evaluate, to_device
+from morphkit.fit import default_loss, evaluate, to_device
 from morphkit.inr import INR
 from morphkit.manifold import Manifold, as_inputs, build_inr, predict_tensors
-from morphkit.models import arch_of, task_of, vae_loss
+from morphkit.models import arch_of
 
 __all__ = ["morph", "prepare_base", "draw_widths", "MorphInterrupted"]
 
@@ -371,7 +371,7 @@ def morph(
         if inr.residual:
             inr.set_grids([builder.grid(k, state_dict[lt.name].detach().float()) for k, lt in enumerate(layouts)])
         if loss_fn is None:
-            loss_fn = vae_loss if task_of(model) == "vae" else classification_loss()
+            loss_fn = default_loss(model)
         logger.info("morph: %d cliques (%d resizable), %d predicted tensors, %d static, INR %d params",
                     len(cliques), sum(not c.fixed for c in cliques), len(layouts), len(static),
                     sum(p.numel() for p in inr.parameters()))
