@@ -143,7 +143,11 @@ def l1_distances(features: Any) -> np.ndarray:
     if pad:
         x = np.concatenate([x, np.zeros((pad, f), dtype=np.float32)])  # (n + pad, F)
     out = np.empty((n + pad, n + pad), dtype=np.float64)
-    _l1_kernel(x, out)
+    threads = torch.get_num_threads()
+    try:
+        _l1_kernel(x, out)
+    finally:  # numba's OpenMP layer resets the process's thread count; keep the caller's torch setting
+        torch.set_num_threads(threads)
     return np.ascontiguousarray(out[:n, :n]) if pad else out
 
 

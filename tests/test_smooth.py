@@ -155,3 +155,13 @@ def test_timm_fuse_smooth_resize(spec):
     assert_same_function(model, smoothed, x)
     small = resize(smoothed, x[:1], 0.5, cliques, check=True)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_smoothing_keeps_the_callers_torch_thread_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        l1_distances(np.random.default_rng(0).random((9, 5)))  # numba's parallel kernel
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
