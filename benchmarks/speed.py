@@ -11,6 +11,7 @@ smoothing, templates) is not counted. Writes ``benchmarks/results/speed.{json,md
 
     python benchmarks/speed.py                 # the default INR (MorphConfig())
     python benchmarks/speed.py --threads 2 --batch 128
+    python benchmarks/speed.py --precision bfloat16 --name speed_bf16   # AMX / AVX512-BF16 CPUs, GPUs
 """
 
 from __future__ import annotations
@@ -77,11 +78,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=None, help="INR width (default: MorphConfig's)")
     ap.add_argument("--layers", type=int, default=None, help="INR depth (default: MorphConfig's)")
+    ap.add_argument("--repeats", type=int, default=3, help="sample() timings per width (median reported)")
+    ap.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                    help="INR matrix-product precision (INRConfig.precision)")
     ap.add_argument("--name", default="speed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base_inr = mk.INRConfig()
-    inr = mk.INRConfig(hidden=args.hidden or base_inr.hidden, layers=args.layers or base_inr.layers)
+    inr = mk.INRConfig(hidden=args.hidden or base_inr.hidden, layers=args.layers or base_inr.layers,
+                       precision=args.precision)
     cfg = mk.MorphConfig(inr=inr, samples=args.samples)
     widths = [float(w) for w in args.widths.split(",")]
     rows = []
@@ -106,9 +111,12 @@ def main() -> None:
         row["rows_full_width"] = manifold.builder.table(manifold.builder.full()).rows
         for w in widths:
             manifold.sample(w, samples=2)  # warm the template and coordinate caches
-            t0 = time.perf_counter()
-            manifold.sample(w, samples=args.samples)
-            row[f"sample_{w:g}_s"] = time.perf_counter() - t0
+            times = []
+            for _ in range(args.repeats if row["rows_full_width"] < 100_000 else 1):  # resnet18: once
+                t0 = time.perf_counter()
+                manifold.sample(w, samples=args.samples)
+                times.append(time.perf_counter() - t0)
+            row[f"sample_{w:g}_s"] = statistics.median(times)
         rows.append(row)
         print(row, flush=True)
     result = {"machine": machine(), "inr": {"hidden": inr.hidden, "layers": inr.layers, "n_freqs": inr.n_freqs},
@@ -118,7 +126,8 @@ def main() -> None:
           f"Command: `{m['command']}`  ",
           f"Machine: {m['cpu']}, {m['cores']} cores, {args.threads} torch threads; torch {m['torch']}; "
           f"{m['date']}  ",
-          f"INR {inr.hidden}x{inr.layers}, K = {args.samples} samples, batch {args.batch}.", "",
+          f"INR {inr.hidden}x{inr.layers} ({inr.precision}), K = {args.samples} samples, batch {args.batch}; "
+          f"sample() times are the median of {args.repeats} warm calls (resnet18: one).", "",
           "| model | params | INR params | rows (full) | " + " | ".join(f"sample({w:g}) s" for w in widths)
           + " | plain step ms | morph step ms | ratio |",
           "| --- " * (7 + len(widths)) + "|"]

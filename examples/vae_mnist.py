@@ -5,7 +5,7 @@ here the VAE's negative ELBO (Bernoulli decoder), written out in full so you
 can adapt it to your own model. The sampled VAEs are scored by reconstruction
 MSE and negative log-likelihood (the ELBO bound), as in the paper's Fig. 7.
 
-    python examples/vae_mnist.py          # embedded subset; 650k weights = 650k INR rows: slow on a CPU
+    python examples/vae_mnist.py          # the embedded subset, a few minutes on a CPU
     python examples/vae_mnist.py --data mnist:../shared/data/mnist
 """
 

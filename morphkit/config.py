@@ -50,12 +50,26 @@ class INRConfig:
         n_freqs: Fourier frequencies per coordinate (``sin/cos(2^j * pi * v)``, j < n_freqs).
         residual: Represent weights as a bilinear resampling of the smoothed base
             plus the MLP's correction (False: the paper's pure INR).
+        base_noise: Let coordinate noise also move the residual base's bilinear
+            lookup (the default, as the paper's noise moves every coordinate).
+            False reads the base at the clean coordinates, so averaging K noisy
+            draws does not blur the base weights: an untrained ResNet-20 manifold
+            at full width gives 83.3% with K = 1, 35.5% with K = 50 blurred.
+        precision: ``"float32"`` or ``"bfloat16"``: the MLP's matrix products
+            (trunk and heads) run under bfloat16 autocast, with the residual base
+            and the outputs in float32. Matrix products are many times faster on
+            GPUs and on CPUs with AMX / AVX512-BF16 (emulated, slow, elsewhere);
+            on a 2-core AMX CPU the INR's element-wise work dominates, so sampling
+            gains little and ResNet-20 training steps are slower
+            (``benchmarks/results/speed_bf16.md``).
     """
 
     hidden: int = 128
     layers: int = 3
     n_freqs: int = 16
     residual: bool = True
+    base_noise: bool = True
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         _check(_is_int(self.hidden, 1, MAX_HIDDEN), "inr.hidden", self.hidden, f"an int in [1, {MAX_HIDDEN}]")
@@ -63,6 +77,9 @@ class INRConfig:
         _check(_is_int(self.n_freqs, 0, 24), "inr.n_freqs", self.n_freqs,
                "an int in [0, 24] (2^24 * pi is already past float32 resolution)")
         _check(isinstance(self.residual, bool), "inr.residual", self.residual, "true or false")
+        _check(isinstance(self.base_noise, bool), "inr.base_noise", self.base_noise, "true or false")
+        _check(self.precision in ("float32", "bfloat16"), "inr.precision", self.precision,
+               '"float32" or "bfloat16"')
 
 
 @dataclass

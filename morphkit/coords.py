@@ -77,6 +77,18 @@ class TensorLayout:
         return rest * math.prod(r.multiplicity for r in self.rows)
 
     @property
+    def in_only(self) -> bool:
+        """The only row dim is the fan-in (dim 1): its coordinate is the "in" column, "out" is constant."""
+        return len(self.rows) == 1 and self.rows[0].dim == 1
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """``(C_out, C_in, trailing)`` of the base grid (1 for a missing out or in dim)."""
+        sizes = [r.size for r in self.rows]
+        c_out, c_in = (1, sizes[0]) if self.in_only else (sizes[0], math.prod(sizes[1:]))
+        return c_out, c_in, self.trailing
+
+    @property
     def fan_in(self) -> DimSpec | None:
         """The row dim that is the tensor's fan-in (dim 1), if it is clique-indexed."""
         return next((r for r in self.rows if r.dim == 1), None)
@@ -119,6 +131,11 @@ def plan_layouts(cliques: list[Clique], state: dict[str, torch.Tensor],
     Everything else (buffers, constants, tensors no width changes) is static:
     copied from the base model and sliced when its dims resize.
 
+    Only resizable dims become rows: a dim of a fixed clique (the model's
+    input channels, its classes) never changes size, so it joins the trailing
+    vector a head emits, like a kernel. A first layer ``(400, 784)`` is 400
+    rows of 784 values rather than 313,600 rows of one.
+
     Returns:
         ``(layouts, static_names)`` in ``state_dict`` order.
     """
@@ -131,7 +148,8 @@ def plan_layouts(cliques: list[Clique], state: dict[str, torch.Tensor],
         spec = dims.get(name, {})
         rows = []
         ok = name in param_names and t.is_floating_point() and t.numel() > 1
-        ok = ok and any(not c.fixed for c, _ in spec.values()) and len(spec) <= 2
+        spec = {d: cm for d, cm in spec.items() if not cm[0].fixed}  # fixed dims are trailing
+        ok = ok and bool(spec) and len(spec) <= 2
         if ok:
             flat = t.detach().reshape(-1)
             ok = not bool((flat == flat[0]).all())
@@ -252,20 +270,21 @@ class CoordBuilder:
         for lt in self.layouts:
             dplans = [_dim_plan(r.index, lt.shape[r.dim], self.cliques[r.clique],
                                 counts.get(r.clique, r.size)) for r in lt.rows]
-            c_out = dplans[0].count
-            c_in = dplans[1].count if len(dplans) > 1 else 1
+            # (out, in) row specs; a lone fan-in dim takes the "in" column and "out" is constant
+            specs: list[DimSpec | None] = [None, lt.rows[0]] if lt.in_only else [*lt.rows, None][:2]
+            counts_oi = [1, dplans[0].count] if lt.in_only else [dplans[0].count,
+                                                                 dplans[1].count if len(dplans) > 1 else 1]
+            c_out, c_in = counts_oi
             o = (torch.arange(c_out, dtype=torch.float32) + 0.5) / c_out  # (C_out,)
             i = (torch.arange(c_in, dtype=torch.float32) + 0.5) / c_in  # (C_in,)
             oo, ii = torch.meshgrid(o, i, indexing="ij")  # (C_out, C_in) each
             n = c_out * c_in
-            w_out = c_out / lt.rows[0].size
-            w_in = c_in / lt.rows[1].size if len(lt.rows) > 1 else 1.0
+            w_out, w_in = (c / r.size if r is not None else 1.0 for c, r in zip(counts_oi, specs))
             layer = lt.layer / max(1, self.n_layers - 1)
             role = lt.role / max(1, self.n_roles - 1)
             const = torch.tensor([layer, w_out, w_in, role], dtype=torch.float32).expand(n, 4)
             block = torch.cat([const[:, :1], oo.reshape(n, 1), ii.reshape(n, 1), const[:, 1:]], 1)  # (n, 6)
-            ns_out = 1.0 / c_out if lt.rows[0].resizable else 0.0
-            ns_in = 1.0 / c_in if len(lt.rows) > 1 and lt.rows[1].resizable else 0.0
+            ns_out, ns_in = (1.0 / c if r is not None and r.resizable else 0.0 for c, r in zip(counts_oi, specs))
             blocks.append(block)
             noises.append(torch.tensor([ns_out, ns_in], dtype=torch.float32).expand(n, 2))
             segments.append((start, start + n))
@@ -280,9 +299,7 @@ class CoordBuilder:
     def grid(self, k: int, tensor: torch.Tensor) -> torch.Tensor:
         """A base tensor as its ``(C_out, C_in, trailing)`` grid (the INR's residual base)."""
         table = self.table(self.full())
-        lt = self.layouts[k]
-        c_out = lt.rows[0].size
-        return self.to_rows(k, table, tensor).reshape(c_out, -1, lt.trailing)
+        return self.to_rows(k, table, tensor).reshape(self.layouts[k].grid_shape)
 
     def assemble(self, k: int, table: CoordTable, rows: torch.Tensor) -> torch.Tensor:
         """Turn one layout's predicted rows ``(C_out * C_in, trailing)`` into its resized tensor."""

@@ -8,10 +8,11 @@ positions of a flattened map, 1 for a bias), in units of the tensor's RMS.
 With ``residual=True`` (the default) the INR also holds each tensor's smoothed
 base weights as a ``(C_out, C_in, trailing)`` grid and adds their bilinear
 interpolation at the row's (out, in) coordinates: the represented function is
-``bilinear(base)(coords) + MLP(coords) * rms``. Heads start at zero, so before
-any training the INR reproduces the base model exactly at full width and a
-smooth resampling of it at other widths; training learns the corrections that
-make every width accurate. ``residual=False`` is the paper's pure INR.
+``bilinear(base)(coords) + MLP(coords) * rms``. Coordinate noise moves both
+terms unless ``base_noise=False``, which reads the base at the clean
+coordinates. Heads start at zero, so before any training the INR reproduces
+the base model exactly at full width and a smooth resampling of it at other
+widths; training learns the corrections that make every width accurate. ``residual=False`` is the paper's pure INR.
 
 The trunk runs once over all rows of a coordinate table; each head runs on its
 tensor's contiguous slice of rows, so the only Python loop is over tensors,
@@ -29,6 +30,8 @@ from morphkit.coords import fourier_features
 __all__ = ["INR", "bilinear_rows"]
 
 N_COORDS = 6
+NOISY = [1, 2]  # the out / in channel columns: the only ones coordinate noise moves
+FIXED = [0, 3, 4, 5]  # layer, out width, in width, role
 
 
 def bilinear_rows(grid: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
@@ -51,6 +54,7 @@ def bilinear_rows(grid: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -
 
     def split(u: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = (u * c - 0.5).clamp(0, c - 1)  # (R,) position in base channel units
+        p = torch.where((p - p.round()).abs() < 1e-4, p.round(), p)  # cell centres exact despite float32
         lo = p.floor().long().clamp(max=c - 1)
         hi = (lo + 1).clamp(max=c - 1)
         return lo, hi, (p - lo).unsqueeze(1)  # weights (R, 1)
@@ -74,6 +78,9 @@ class INR(nn.Module):
         grid_shapes: ``(C_out, C_in, trailing)`` of each tensor's base grid for
             the residual form, or None for the pure INR. Grids start at zero;
             fill them with :meth:`set_grids` (or load a state dict).
+        base_noise: Read the residual base at the noisy coordinates too (False:
+            at the clean ones).
+        bf16: Run the MLP's matrix products under bfloat16 autocast (outputs float32).
 
     Example:
         >>> inr = INR([25, 1], hidden=32, layers=2, n_freqs=4)
@@ -84,8 +91,11 @@ class INR(nn.Module):
 
     def __init__(self, head_sizes: list[int], hidden: int = 256, layers: int = 5, n_freqs: int = 16,
                  scales: list[float] | None = None,
-                 grid_shapes: list[tuple[int, int, int]] | None = None) -> None:
+                 grid_shapes: list[tuple[int, int, int]] | None = None, base_noise: bool = True,
+                 bf16: bool = False) -> None:
         super().__init__()
+        self.base_noise = base_noise
+        self.bf16 = bf16
         self.n_freqs = n_freqs
         self.inp = nn.Linear(N_COORDS * (2 * n_freqs + 1), hidden)
         self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers - 1))
@@ -109,25 +119,61 @@ class INR(nn.Module):
         for k, g in enumerate(grids):
             getattr(self, f"grid{k}").copy_(g)
 
-    def trunk(self, coords: torch.Tensor) -> torch.Tensor:
-        """Hidden features of ``(R, 6)`` coordinates: ``(R, hidden)``."""
-        h = F.relu(self.inp(fourier_features(coords, self.n_freqs)))  # (R, hidden)
-        for block in self.blocks:
-            h = h + F.relu(block(h))  # (R, hidden)
+    def _autocast(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def trunk(self, coords: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden features of ``(R, 6)`` coordinates: ``(R, hidden)`` (bfloat16 when ``bf16``).
+
+        ``fixed`` is :meth:`fixed_part` of the same rows (``(R, hidden)``, or
+        ``(R', hidden)`` repeated ``R / R'`` times): the first layer then only
+        embeds the two channel columns, the ones coordinate noise moves.
+        """
+        with self._autocast(coords.device):
+            if fixed is None:
+                pre = self.inp(fourier_features(coords, self.n_freqs))  # (R, hidden)
+            else:
+                w = self.inp.weight[:, self._columns(NOISY)]  # (hidden, 2 * (2F + 1))
+                moving = F.linear(fourier_features(coords[:, NOISY], self.n_freqs), w)  # (R, hidden)
+                pre = moving.view(-1, *fixed.shape) + fixed  # (R / R', R', hidden)
+                pre = pre.reshape(coords.shape[0], -1)  # (R, hidden)
+            inplace = not torch.is_grad_enabled()  # sampling: no graph to keep, spare the copies
+            h = F.relu(pre, inplace=inplace)  # (R, hidden)
+            for block in self.blocks:
+                h = h.add_(F.relu(block(h), inplace=True)) if inplace else h + F.relu(block(h))  # (R, hidden)
         return h
 
-    def head(self, k: int, h: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """Tensor ``k``'s rows from hidden features ``(..., R, hidden)`` and coords ``(..., R, 6)``."""
-        out = self.heads[k](h) * self.scales[k]  # (..., R, T)
+    def fixed_part(self, coords: torch.Tensor) -> torch.Tensor:
+        """The first layer's bias plus the embedding of the columns noise never moves: ``(R, hidden)``."""
+        w = self.inp.weight[:, self._columns(FIXED)]  # (hidden, 4 * (2F + 1))
+        with self._autocast(coords.device):
+            return F.linear(fourier_features(coords[:, FIXED], self.n_freqs), w, self.inp.bias)
+
+    def _columns(self, coords: list[int]) -> list[int]:
+        """Columns of :func:`fourier_features` output belonging to these coordinate columns."""
+        per = 2 * self.n_freqs + 1
+        return [c * per + j for c in coords for j in range(per)]
+
+    def head(self, k: int, h: torch.Tensor, coords: torch.Tensor,
+             clean: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``k``'s rows from hidden features ``(..., R, hidden)`` and coords ``(..., R, 6)``.
+
+        ``clean`` (same shape as ``coords``) are the coordinates before noise:
+        the residual base is looked up there unless ``base_noise`` is set.
+        """
+        with self._autocast(h.device):
+            out = self.heads[k](h)  # (..., R, T)
+        out = out.float() * self.scales[k]
         if self.residual:
             grid = getattr(self, f"grid{k}")
-            flat = coords.reshape(-1, coords.shape[-1])
-            base = bilinear_rows(grid, flat[:, 1], flat[:, 2]).reshape(*coords.shape[:-1], -1)
+            at = coords if self.base_noise or clean is None else clean
+            flat = at.reshape(-1, at.shape[-1])
+            base = bilinear_rows(grid, flat[:, 1], flat[:, 2]).reshape(*at.shape[:-1], -1)
             out = out + base
         return out
 
     def forward(self, coords: torch.Tensor, segments: list[tuple[int, int]],
-                which: list[int] | None = None) -> list[torch.Tensor]:
+                which: list[int] | None = None, clean: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Predict the rows of each tensor.
 
         Args:
@@ -135,10 +181,12 @@ class INR(nn.Module):
                 concatenated in that order.
             segments: ``(start, end)`` of each tensor's rows within ``coords``.
             which: Head index of each segment (default: ``range(len(segments))``).
+            clean: ``coords`` before noise (where the residual base is read; see :meth:`head`).
 
         Returns:
             One ``(rows, trailing)`` tensor per segment (before the fan-in factor).
         """
         h = self.trunk(coords)
         which = list(range(len(segments))) if which is None else which
-        return [self.head(k, h[s:e], coords[s:e]) for k, (s, e) in zip(which, segments)]
+        return [self.head(k, h[s:e], coords[s:e], None if clean is None else clean[s:e])
+                for k, (s, e) in zip(which, segments)]

@@ -46,9 +46,10 @@ def as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
 
 def build_inr(layouts: list[TensorLayout], config: MorphConfig) -> INR:
     """An INR shaped for these layouts (grids zero until filled or loaded)."""
-    grids = [(lt.rows[0].size, math.prod(r.size for r in lt.rows[1:]), lt.trailing) for lt in layouts]
+    grids = [lt.grid_shape for lt in layouts]
     return INR([lt.trailing for lt in layouts], config.inr.hidden, config.inr.layers, config.inr.n_freqs,
-               scales=[lt.scale for lt in layouts], grid_shapes=grids if config.inr.residual else None)
+               scales=[lt.scale for lt in layouts], grid_shapes=grids if config.inr.residual else None,
+               base_noise=config.inr.base_noise, bf16=config.inr.precision == "bfloat16")
 
 
 def predict_tensors(inr: INR, builder: CoordBuilder, table: CoordTable, *, noise: float = 0.0,
@@ -80,12 +81,12 @@ def predict_tensors(inr: INR, builder: CoordBuilder, table: CoordTable, *, noise
             n = table.segments[k][1] - table.segments[k][0]
             segs.append((start, start + n))
             start += n
-    coords = coords.to(device)
+    clean = coords = coords.to(device)
     if noise > 0:
         u = torch.rand(coords.shape[0], 2, generator=generator).to(device) * 2 - 1  # (R, 2) in U(-1, 1)
         coords = coords.clone()
         coords[:, 1:3] += noise * u * scale.to(device)
-    outs = inr(coords, segs, which)
+    outs = inr(coords, segs, which, clean=clean)
     return {builder.layouts[k].name: builder.assemble(k, table, out * table.fan_in[k])
             for k, out in zip(which, outs)}
 
@@ -177,17 +178,19 @@ class Manifold:
         rows, n_heads = table.rows, len(self.layouts)
         acc: list[torch.Tensor | None] = [None] * n_heads
         per = max(1, ROWS_PER_CHUNK // max(1, rows))
+        fixed = self.inr.fixed_part(table.coords)  # (R, hidden): the same for every draw
         done = 0
         while done < k_draws:
             kc = min(per, k_draws - done)
-            coords = table.coords.unsqueeze(0).repeat(kc, 1, 1)  # (kc, R, 6)
+            clean = table.coords.unsqueeze(0).expand(kc, -1, -1)  # (kc, R, 6)
+            coords = clean.clone()
             u = torch.rand(kc, rows, 2, generator=gen) * 2 - 1  # (kc, R, 2)
             if done == 0:
                 u[0] = 0  # the first draw is clean
             coords[:, :, 1:3] += a * u * table.noise
-            h = self.inr.trunk(coords.reshape(kc * rows, 6)).reshape(kc, rows, -1)  # (kc, R, hidden)
+            h = self.inr.trunk(coords.reshape(kc * rows, 6), fixed).reshape(kc, rows, -1)  # (kc, R, hidden)
             for k, (s, e) in enumerate(table.segments):
-                out = self.inr.head(k, h[:, s:e], coords[:, s:e]).sum(0)  # (rows_k, trailing)
+                out = self.inr.head(k, h[:, s:e], coords[:, s:e], clean[:, s:e]).sum(0)  # (rows_k, trailing)
                 acc[k] = out if acc[k] is None else acc[k] + out
             done += kc
         return {lt.name: self.builder.assemble(k, table, acc[k] * (table.fan_in[k] / k_draws))

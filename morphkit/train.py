@@ -372,6 +372,9 @@ def morph(
             inr.set_grids([builder.grid(k, state_dict[lt.name].detach().float()) for k, lt in enumerate(layouts)])
         if loss_fn is None:
             loss_fn = default_loss(model)
+        if cfg.inr.precision == "bfloat16" and dev.type == "cpu" and not _fast_cpu_bf16():
+            logger.warning("inr.precision='bfloat16' on a CPU without AVX512-BF16/AMX: bfloat16 matrix products "
+                           "are emulated there and slower than float32; use precision='float32'")
         logger.info("morph: %d cliques (%d resizable), %d predicted tensors, %d static, INR %d params",
                     len(cliques), sum(not c.fixed for c in cliques), len(layouts), len(static),
                     sum(p.numel() for p in inr.parameters()))
@@ -507,6 +510,12 @@ def morph(
             dist.destroy_process_group()
 
 
+def _fast_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def _rng_part(loaded: tuple[dict, dict]) -> tuple[dict, dict]:
     tensors, meta = loaded
     return {k: v for k, v in tensors.items() if k.startswith("rng.")}, meta["rng"]
@@ -526,7 +535,8 @@ def _recon_loss(inr: INR, builder: Any, table: Any, targets: list[torch.Tensor],
     starts = torch.tensor([s for s, _ in table.segments] + [rows])
     seg_of = torch.searchsorted(starts, idx, right=True) - 1  # (r,) layout of each row
     counts = torch.bincount(seg_of, minlength=len(targets)).tolist()
-    coords = table.coords[idx].clone()
+    clean = table.coords[idx]
+    coords = clean.clone()
     if noise > 0:
         coords[:, 1:3] += noise * (torch.rand(idx.shape[0], 2, generator=gen) * 2 - 1) * table.noise[idx]
     which = [k for k, c in enumerate(counts) if c > 0]
@@ -534,7 +544,7 @@ def _recon_loss(inr: INR, builder: Any, table: Any, targets: list[torch.Tensor],
     for k in which:
         segs.append((pos, pos + counts[k]))
         pos += counts[k]
-    outs = inr(coords.to(dev), segs, which)
+    outs = inr(coords.to(dev), segs, which, clean=clean.to(dev))
     total = torch.zeros((), device=dev)
     for k, out, (s, e) in zip(which, outs, segs):
         local = (idx[s:e] - table.segments[k][0]).to(dev)

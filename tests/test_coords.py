@@ -7,13 +7,22 @@ from morphkit.coords import CoordBuilder, _dims_of, fourier_features, plan_layou
 from morphkit.inr import INR, bilinear_rows
 
 
-@pytest.fixture(scope="module")
-def lenet_plan():
-    m = mk.build_model("lenet5").eval()
+def _plan(name):
+    m = mk.build_model(name).eval()
     cliques = mk.find_cliques(m, torch.zeros(1, 1, 28, 28))
     state = m.state_dict()
     layouts, static = plan_layouts(cliques, state, {n for n, _ in m.named_parameters()})
     return m, cliques, state, layouts, static
+
+
+@pytest.fixture(scope="module")
+def lenet_plan():
+    return _plan("lenet5")
+
+
+@pytest.fixture(scope="module", params=["lenet5", "vae_mnist"])
+def any_plan(request):
+    return _plan(request.param)
 
 
 def test_plan_predicts_every_resizable_tensor(lenet_plan):
@@ -23,16 +32,35 @@ def test_plan_predicts_every_resizable_tensor(lenet_plan):
     assert static == ["fc3.bias"]  # the only tensor no width changes
     fc1 = next(lt for lt in layouts if lt.name == "fc1.weight")
     assert fc1.trailing == 25  # 5x5 spatial positions per flattened channel
+    # fixed dims (the input channel, the 10 classes) are trailing, not rows
+    conv1 = next(lt for lt in layouts if lt.name == "conv1.weight")
+    assert [r.dim for r in conv1.rows] == [0] and conv1.trailing == 25
+    fc3 = next(lt for lt in layouts if lt.name == "fc3.weight")
+    assert fc3.in_only and fc3.trailing == 10 and fc3.grid_shape == (1, 84, 10)
+
+
+def test_fixed_dims_are_trailing_so_mlp_rows_stay_few():
+    m, cliques, _, layouts, _ = _plan("vae_mnist")
+    table = CoordBuilder(layouts, cliques).table(width_map(cliques, 1.0))
+    n_weights = sum(lt.grid_shape[0] * lt.grid_shape[1] * lt.trailing for lt in layouts)
+    assert table.rows * 50 < n_weights  # one row per hidden unit of a 784-wide layer, not per weight
+    first = next(lt for lt in layouts if lt.shape == (400, 784))
+    assert first.trailing == 784 and not first.in_only
+    last = next(lt for lt in layouts if lt.shape == (784, 400))
+    assert last.in_only and last.trailing == 784
+    rows = table.coords[table.segments[layouts.index(last)][0]:table.segments[layouts.index(last)][1]]
+    assert torch.equal(rows[:, 1], torch.full((400,), 0.5))  # no out coordinate: constant
+    assert torch.allclose(rows[:, 2], (torch.arange(400) + 0.5) / 400)  # the fan-in channel
 
 
 @pytest.mark.parametrize("width", [1.0, 0.75, 0.5, 0.2])
-def test_rows_round_trip_at_any_width(lenet_plan, width):
-    _, cliques, state, layouts, _ = lenet_plan
+def test_rows_round_trip_at_any_width(any_plan, width):
+    m, cliques, state, layouts, _ = any_plan
     b = CoordBuilder(layouts, cliques)
     counts = width_map(cliques, width)
     table = b.table(counts)
     dims = _dims_of(cliques)
-    small = mk.resize(mk.build_model("lenet5"), torch.zeros(1, 1, 28, 28), width).state_dict()
+    small = mk.resize(m, torch.zeros(1, 1, 28, 28), width).state_dict()
     for k, lt in enumerate(layouts):
         ref = resize_static(state[lt.name], lt.name, dims, counts)
         assert ref.shape == small[lt.name].shape
@@ -74,8 +102,8 @@ def test_bilinear_rows_matches_manual():
     assert torch.allclose(mid[0], (g[0, 2] + g[1, 2]) / 2, atol=1e-6)
 
 
-def test_residual_inr_starts_at_the_base(lenet_plan):
-    m, cliques, state, layouts, _ = lenet_plan
+def test_residual_inr_starts_at_the_base(any_plan):
+    m, cliques, state, layouts, _ = any_plan
     from morphkit.manifold import build_inr, predict_tensors
 
     inr = build_inr(layouts, mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2)))
@@ -90,3 +118,52 @@ def test_inr_heads_batch_over_segments():
     inr = INR([3, 1], hidden=8, layers=2, n_freqs=2)
     outs = inr(torch.rand(7, 6), [(0, 5), (5, 7)])
     assert [tuple(o.shape) for o in outs] == [(5, 3), (2, 1)]
+
+
+@pytest.mark.parametrize("base_noise", [True, False])
+def test_base_noise_option_decides_where_the_residual_base_is_read(lenet_plan, base_noise):
+    m, cliques, state, layouts, _ = lenet_plan
+    from morphkit.manifold import build_inr, predict_tensors
+
+    cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2, base_noise=base_noise))
+    inr = build_inr(layouts, cfg)
+    b = CoordBuilder(layouts, cliques)
+    inr.set_grids([b.grid(k, state[lt.name]) for k, lt in enumerate(layouts)])
+    pred = predict_tensors(inr, b, b.table(b.full()), noise=0.4, generator=torch.Generator().manual_seed(0))
+    same = all(torch.allclose(pred[lt.name], state[lt.name], atol=1e-6) for lt in layouts)
+    assert same is (not base_noise)  # heads are zero: only the base term is left
+
+
+def test_bfloat16_precision_keeps_the_base_exact_and_the_correction_close(lenet_plan):
+    m, cliques, state, layouts, _ = lenet_plan
+    from morphkit.manifold import build_inr, predict_tensors
+
+    b = CoordBuilder(layouts, cliques)
+    table = b.table(width_map(cliques, 0.6))
+    preds = []
+    for precision in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        inr = build_inr(layouts, mk.MorphConfig(inr=mk.INRConfig(hidden=32, layers=2, precision=precision)))
+        inr.set_grids([b.grid(k, state[lt.name]) for k, lt in enumerate(layouts)])
+        full = predict_tensors(inr, b, b.table(b.full()))
+        assert all(torch.equal(full[lt.name], state[lt.name]) for lt in layouts)  # zero heads: the base, float32
+        for head in inr.heads:  # a non-zero correction
+            torch.nn.init.normal_(head.weight, std=0.1)
+        preds.append(predict_tensors(inr, b, table))
+    for lt in layouts:
+        a, c = preds[0][lt.name], preds[1][lt.name]
+        assert c.dtype == torch.float32 and not torch.equal(a, c)
+        assert (a - c).norm() <= 0.02 * a.norm(), lt.name
+
+
+def test_trunk_with_precomputed_fixed_part_matches_the_full_embedding():
+    inr = INR([9, 1], hidden=32, layers=3, n_freqs=5)
+    rows = torch.rand(20, 6)
+    draws = rows.repeat(3, 1)  # three "draws" of the same rows
+    draws[:, 1:3] += 0.01 * torch.randn(60, 2)  # noise moves only the channel columns
+    with torch.no_grad():
+        fixed = inr.fixed_part(rows)  # (20, 32)
+        assert torch.allclose(inr.trunk(draws, fixed), inr.trunk(draws), atol=1e-5)
+    h = inr.trunk(draws, inr.fixed_part(rows))  # with autograd: no in-place ops on the graph
+    h.sum().backward()
+    assert inr.inp.weight.grad is not None and inr.inp.weight.grad.abs().sum() > 0

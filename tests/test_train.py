@@ -136,3 +136,17 @@ def test_pure_inr_option_trains():
     m = mk.morph(mk.build_model("mlp?hidden=[8,8]"), _data(2), example_inputs=torch.zeros(1, 1, 28, 28),
                  config=cfg, progress=False)
     assert not m.inr.residual and m.sample(0.5)(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("inr_kw", [{"precision": "bfloat16"}, {"base_noise": False}])
+def test_inr_options_train_save_and_load(inr_kw, tmp_path):
+    cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2, n_freqs=4, **inr_kw),
+                         train=mk.TrainConfig(steps=3), samples=3)
+    m = mk.morph(mk.build_model("mlp?hidden=[8,8]"), _data(2), example_inputs=torch.zeros(1, 1, 28, 28),
+                 config=cfg, progress=False)
+    m.save(tmp_path / "m.safetensors")
+    back = mk.Manifold.load(tmp_path / "m.safetensors")
+    assert back.config.inr == cfg.inr
+    a, b = m.predict(0.5, seed=1), back.predict(0.5, seed=1)
+    for k in a:  # (base_noise=False can differ in the last bit: summation order of the K draws)
+        assert a[k].dtype == torch.float32 and torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-9), k
