@@ -1,0 +1,141 @@
+"""ResNet-20 on CIFAR-10: the paper's Table 2 on our data, whole network morphed, every method on one budget.
+
+Starts from the committed base (``results/base/resnet20-cifar10.safetensors``,
+written by ``train_bases.sh``) and gives every method the same number of
+training epochs (``--epochs``): NeuMeta morphs the base for that many epochs
+(compression U[0, 0.5], so 75% is never trained); the individually trained
+oracle trains each compressed structure from scratch for that many epochs
+(one model per compression; the base itself is the 0% oracle); the slimmable
+network trains its shared weights from scratch for that many epochs with the
+sandwich rule. L1, L2, Taylor, Hessian and random pruning prune the base
+without fine-tuning (``--finetune-epochs`` adds it). Every model of one
+compression has the same parameter count (asserted). Also reports each
+method's total training cost (wall time, epochs) and the parameters it stores
+to serve every width. Writes ``benchmarks/results/cifar10_resnet20.{json,md,png}``.
+
+On 2 CPU cores the default (``--epochs 4``) takes about an hour; on a
+GPU pass the paper's schedule (``--epochs 200 --device cuda``, after a 200-epoch
+base from ``train_bases.sh``).
+
+    python benchmarks/cifar10_resnet20.py --threads 2
+    python benchmarks/cifar10_resnet20.py --limit 512 --test-limit 500 --epochs 1 --name smoke_cifar  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from _common import DATA, RESULTS, machine
+
+import morphkit as mk
+from morphkit.compare import write_report
+from morphkit.data import load_data, make_loaders
+
+COMPRESSIONS = (0.0, 0.25, 0.5, 0.75)
+PRUNING = ("l1", "l2", "taylor", "hessian", "random")
+
+
+def stored_params(manifold: mk.Manifold) -> int:
+    """Numbers a manifold file holds for its INR: parameters plus buffers (the residual base grids)."""
+    return sum(t.numel() for t in manifold.inr.state_dict().values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=f"cifar10:{DATA / 'cifar10-jpeg.tar.gz'}")
+    ap.add_argument("--base", default=str(RESULTS / "base" / "resnet20-cifar10.safetensors"),
+                    help="the trained base model file")
+    ap.add_argument("--epochs", type=int, default=4, help="training epochs of every method (NeuMeta, "
+                    "each individual model, slimmable)")
+    ap.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning after pruning (0 = none)")
+    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default=None, help="where training runs (default: cpu)")
+    ap.add_argument("--limit", type=int, default=None, help="first N training images (smoke runs)")
+    ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="cifar10_resnet20")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x = torch.zeros(1, 3, 32, 32)
+    splits = load_data(args.data)
+    train, test = make_loaders(splits, batch_size=128, seed=args.seed, test_batch_size=500, limit=args.limit,
+                               test_limit=args.test_limit)
+    base = mk.load_model(args.base)
+    times: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    cfg = mk.MorphConfig(train=mk.TrainConfig(epochs=args.epochs, seed=args.seed), samples=args.samples)
+    manifold = mk.morph(base, train, example_inputs=x, config=cfg, device=args.device)
+    times["morph"] = time.perf_counter() - t0
+    manifold_file = RESULTS / "manifolds" / f"{args.name}.safetensors"
+    if args.limit is None:
+        manifold.save(manifold_file)
+
+    common = dict(base=base, samples=args.samples, seed=args.seed, train_data=train, train_epochs=args.epochs,
+                  device=args.device)
+    rows = mk.compare(manifold, test, ("neumeta", *PRUNING), COMPRESSIONS, **common)
+    if args.finetune_epochs:
+        rows += mk.compare(manifold, test, PRUNING, COMPRESSIONS[1:], finetune_epochs=args.finetune_epochs,
+                           **common)
+    rows += mk.compare(manifold, test, ("slimmable",), COMPRESSIONS, **common)
+    # the 0% oracle is the base itself (its own, longer schedule); train the compressed structures
+    rows += mk.compare(manifold, test, ("individual",), COMPRESSIONS[1:], **common)
+    base_row = next(r for r in rows if r["method"] == "l1" and r["compression"] == 0.0)
+    rows.append({**base_row, "method": "individual", "label": "individual", "seconds": 0.0})
+
+    for g in COMPRESSIONS:
+        params = {r["params"] for r in rows if r["compression"] == g}
+        assert len(params) == 1, f"compression {g}: parameter counts differ: {params}"
+
+    def seconds(label: str) -> float:
+        return sum(r["seconds"] for r in rows if r["label"] == label)
+
+    base_params = base_row["params"]
+    cost = {  # method -> (training wall time s, training epochs, stored parameters to serve every width)
+        "neumeta": (times["morph"], args.epochs, stored_params(manifold)),
+        "individual": (seconds("individual"), args.epochs * (len(COMPRESSIONS) - 1),
+                       sum(r["params"] for r in rows if r["method"] == "individual")),
+        "slimmable": (seconds("slimmable"), args.epochs, base_params),
+        **{p: (0.0, 0, base_params) for p in PRUNING},
+    }
+    cost_md = ["", "## Training cost and stored parameters", "",
+               "Beyond the base model (10 epochs, shared by NeuMeta and pruning; the individual oracle's 0% "
+               "model is that base). Stored parameters: what serves every width (NeuMeta: the INR and its "
+               "residual base grids; individual: one model per compression, base included; pruning and "
+               "slimmable: one full-size model).", "",
+               "| method | training wall time (s) | training epochs | stored parameters |",
+               "| --- | ---: | ---: | ---: |"]
+    cost_md += [f"| {m} | {s:.0f} | {e} | {p:,} |" for m, (s, e, p) in cost.items()]
+    m = machine()
+    meta = {"command": f"`{m['command']}`", "seed": args.seed, "data": args.data,
+            "machine": f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
+                       f"python {m['python']}, {m['date']}",
+            "base": f"{Path(args.base).name}: {100 * mk.evaluate(base, test)['accuracy']:.2f}% "
+                    "(10-epoch CPU schedule, see results/base/README.md)",
+            "budget": f"{args.epochs} epoch(s) per method (NeuMeta morph, each individual model, slimmable); "
+                      f"pruning without fine-tuning" + (f" and +{args.finetune_epochs} epoch(s)"
+                                                        if args.finetune_epochs else ""),
+            "manifold": f"default MorphConfig, {args.epochs} epochs, compression U[0, 0.5] (75% untrained), "
+                        f"K = {args.samples}; saved to {manifold_file.relative_to(RESULTS.parent.parent)}"
+                        if args.limit is None else "not saved (smoke run)",
+            "wall times (s)": ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+                              + "; " + ", ".join(f"{lab} {seconds(lab):.0f}"
+                                                 for lab in dict.fromkeys(r["label"] for r in rows))}
+    paths = write_report(rows, RESULTS, title=f"{args.name}: ResNet-20 / CIFAR-10, NeuMeta vs baselines",
+                         meta=meta, stem=args.name, plot=args.name)
+    with open(paths["md"], "a") as f:
+        f.write("\n".join(cost_md) + "\n")
+    report = json.loads(paths["json"].read_text())
+    report["cost"] = {k: {"seconds": s, "epochs": e, "stored_params": p} for k, (s, e, p) in cost.items()}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    print(paths["md"].read_text())
+
+
+if __name__ == "__main__":
+    main()
