@@ -12,7 +12,8 @@ interpolation at the row's (out, in) coordinates: the represented function is
 terms unless ``base_noise=False``, which reads the base at the clean
 coordinates. Heads start at zero, so before any training the INR reproduces
 the base model exactly at full width and a smooth resampling of it at other
-widths; training learns the corrections that make every width accurate. ``residual=False`` is the paper's pure INR.
+widths; training learns the corrections that make every width accurate.
+``residual=False`` is the paper's pure INR.
 
 The trunk runs once over all rows of a coordinate table; each head runs on its
 tensor's contiguous slice of rows, so the only Python loop is over tensors,
@@ -54,7 +55,8 @@ def bilinear_rows(grid: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -
 
     def split(u: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = (u * c - 0.5).clamp(0, c - 1)  # (R,) position in base channel units
-        p = torch.where((p - p.round()).abs() < 1e-4, p.round(), p)  # cell centres exact despite float32
+        r = p.round()
+        p = torch.where((p - r).abs() < 1e-4, r, p)  # cell centres exact despite float32 rounding
         lo = p.floor().long().clamp(max=c - 1)
         hi = (lo + 1).clamp(max=c - 1)
         return lo, hi, (p - lo).unsqueeze(1)  # weights (R, 1)
