@@ -18,6 +18,7 @@ GPU pass the paper's schedule (``--epochs 200 --device cuda``, after a 200-epoch
 base from ``train_bases.sh``).
 
     python benchmarks/cifar10_resnet20.py --threads 2
+    python benchmarks/cifar10_resnet20.py --threads 2 --clean-base --name cifar10_resnet20_clean_base
     python benchmarks/cifar10_resnet20.py --limit 512 --test-limit 500 --epochs 1 --name smoke_cifar  # smoke
 """
 
@@ -53,6 +54,8 @@ def main() -> None:
                     "each individual model, slimmable)")
     ap.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning after pruning (0 = none)")
     ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--clean-base", action="store_true",
+                    help="INRConfig(base_noise=False): noise moves only the MLP input, not the residual base lookup")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default=None, help="where training runs (default: cpu)")
     ap.add_argument("--limit", type=int, default=None, help="first N training images (smoke runs)")
@@ -70,7 +73,8 @@ def main() -> None:
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    cfg = mk.MorphConfig(train=mk.TrainConfig(epochs=args.epochs, seed=args.seed), samples=args.samples)
+    cfg = mk.MorphConfig(train=mk.TrainConfig(epochs=args.epochs, seed=args.seed), samples=args.samples,
+                         inr=mk.INRConfig(base_noise=not args.clean_base))
     manifold = mk.morph(base, train, example_inputs=x, config=cfg, device=args.device)
     times["morph"] = time.perf_counter() - t0
     manifold_file = RESULTS / "manifolds" / f"{args.name}.safetensors"
@@ -121,7 +125,8 @@ def main() -> None:
             "budget": f"{args.epochs} epoch(s) per method (NeuMeta morph, each individual model, slimmable); "
                       f"pruning without fine-tuning" + (f" and +{args.finetune_epochs} epoch(s)"
                                                         if args.finetune_epochs else ""),
-            "manifold": f"default MorphConfig, {args.epochs} epochs, compression U[0, 0.5] (75% untrained), "
+            "manifold": f"{'INRConfig(base_noise=False)' if args.clean_base else 'default MorphConfig'}, "
+                        f"{args.epochs} epochs, compression U[0, 0.5] (75% untrained), "
                         f"K = {args.samples}; saved to {manifold_file.relative_to(RESULTS.parent.parent)}"
                         if args.limit is None else "not saved (smoke run)",
             "wall times (s)": ", ".join(f"{k} {v:.0f}" for k, v in times.items())
