@@ -19,6 +19,13 @@ base from ``train_bases.sh``).
 
     python benchmarks/cifar10_resnet20.py --threads 2
     python benchmarks/cifar10_resnet20.py --threads 2 --clean-base --name cifar10_resnet20_clean_base
+    python benchmarks/cifar10_resnet20.py --threads 2 --baselines-from benchmarks/results/cifar10_resnet20.json
+
+``--baselines-from`` reruns NeuMeta only and takes every other method's rows
+(and their training times) from an earlier result of the same base, data,
+seed and budget: the baselines do not depend on the INR, so a change to the
+manifold does not need the 40 minutes of baselines again. The result file
+says where its baseline rows come from.
     python benchmarks/cifar10_resnet20.py --limit 512 --test-limit 500 --epochs 1 --name smoke_cifar  # smoke
 """
 
@@ -45,6 +52,26 @@ def stored_params(manifold: mk.Manifold) -> int:
     return sum(t.numel() for t in manifold.inr.state_dict().values())
 
 
+def _reused_baselines(args: argparse.Namespace) -> dict:
+    """The non-NeuMeta rows of an earlier result, checked to share this run's base, data, seed and budget."""
+    old = json.loads(Path(args.baselines_from).read_text())
+    meta = old["meta"]
+    def dataset(spec: str | None) -> str:  # kind and file name: the same data at another path matches
+        kind, _, path = (spec or "").partition(":")
+        return f"{kind}:{Path(path).name}"
+
+    want = {"seed": args.seed, "data": dataset(args.data)}
+    got = {"seed": meta.get("seed"), "data": dataset(meta.get("data"))}
+    budget = f"{args.epochs} epoch(s) per method"
+    if got != want or not meta.get("budget", "").startswith(budget) or \
+            Path(meta.get("base", "").split(":")[0]).name != Path(args.base).name or args.finetune_epochs or \
+            args.limit is not None or args.test_limit is not None:
+        raise SystemExit(f"{args.baselines_from}: its run differs from this one ({got}, {meta.get('budget')!r}, "
+                         f"{meta.get('base')!r}; want {want}, {budget!r}, {Path(args.base).name}); rerun the "
+                         "baselines without --baselines-from")
+    return {"meta": meta, "rows": [r for r in old["rows"] if r["method"] != "neumeta"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=f"cifar10:{DATA / 'cifar10-jpeg.tar.gz'}")
@@ -55,7 +82,10 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning after pruning (0 = none)")
     ap.add_argument("--samples", type=int, default=50)
     ap.add_argument("--clean-base", action="store_true",
-                    help="INRConfig(base_noise=False): noise moves only the MLP input, not the residual base lookup")
+                    help="the version-1 INR: a fixed bilinear base read at the clean coordinates "
+                    "(INRConfig(resample='bilinear', train_base=False, base_noise=False))")
+    ap.add_argument("--baselines-from", default=None, metavar="JSON",
+                    help="reuse the baseline rows of this earlier result (same base, data, seed, epochs)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default=None, help="where training runs (default: cpu)")
     ap.add_argument("--limit", type=int, default=None, help="first N training images (smoke runs)")
@@ -73,8 +103,10 @@ def main() -> None:
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    cfg = mk.MorphConfig(train=mk.TrainConfig(epochs=args.epochs, seed=args.seed), samples=args.samples,
-                         inr=mk.INRConfig(base_noise=not args.clean_base))
+    inr = (mk.INRConfig(resample="bilinear", train_base=False, base_noise=False) if args.clean_base
+           else mk.INRConfig())
+    reused = _reused_baselines(args) if args.baselines_from else None
+    cfg = mk.MorphConfig(train=mk.TrainConfig(epochs=args.epochs, seed=args.seed), samples=args.samples, inr=inr)
     manifold = mk.morph(base, train, example_inputs=x, config=cfg, device=args.device)
     times["morph"] = time.perf_counter() - t0
     manifold_file = RESULTS / "manifolds" / f"{args.name}.safetensors"
@@ -83,15 +115,19 @@ def main() -> None:
 
     common = dict(base=base, samples=args.samples, seed=args.seed, train_data=train, train_epochs=args.epochs,
                   device=args.device)
-    rows = mk.compare(manifold, test, ("neumeta", *PRUNING), COMPRESSIONS, **common)
-    if args.finetune_epochs:
-        rows += mk.compare(manifold, test, PRUNING, COMPRESSIONS[1:], finetune_epochs=args.finetune_epochs,
-                           **common)
-    rows += mk.compare(manifold, test, ("slimmable",), COMPRESSIONS, **common)
-    # the 0% oracle is the base itself (its own, longer schedule); train the compressed structures
-    rows += mk.compare(manifold, test, ("individual",), COMPRESSIONS[1:], **common)
+    if reused is not None:
+        rows = mk.compare(manifold, test, ("neumeta",), COMPRESSIONS, **common) + reused["rows"]
+    else:
+        rows = mk.compare(manifold, test, ("neumeta", *PRUNING), COMPRESSIONS, **common)
+        if args.finetune_epochs:
+            rows += mk.compare(manifold, test, PRUNING, COMPRESSIONS[1:], finetune_epochs=args.finetune_epochs,
+                               **common)
+        rows += mk.compare(manifold, test, ("slimmable",), COMPRESSIONS, **common)
+        # the 0% oracle is the base itself (its own, longer schedule); train the compressed structures
+        rows += mk.compare(manifold, test, ("individual",), COMPRESSIONS[1:], **common)
     base_row = next(r for r in rows if r["method"] == "l1" and r["compression"] == 0.0)
-    rows.append({**base_row, "method": "individual", "label": "individual", "seconds": 0.0})
+    if reused is None:
+        rows.append({**base_row, "method": "individual", "label": "individual", "seconds": 0.0})
 
     for g in COMPRESSIONS:
         params = {r["params"] for r in rows if r["compression"] == g}
@@ -125,13 +161,17 @@ def main() -> None:
             "budget": f"{args.epochs} epoch(s) per method (NeuMeta morph, each individual model, slimmable); "
                       f"pruning without fine-tuning" + (f" and +{args.finetune_epochs} epoch(s)"
                                                         if args.finetune_epochs else ""),
-            "manifold": f"{'INRConfig(base_noise=False)' if args.clean_base else 'default MorphConfig'}, "
+            "manifold": f"{'version-1 INR (fixed bilinear base, clean)' if args.clean_base else 'default MorphConfig'}"
+                        f" ({inr}), "
                         f"{args.epochs} epochs, compression U[0, 0.5] (75% untrained), "
                         f"K = {args.samples}; saved to {manifold_file.relative_to(RESULTS.parent.parent)}"
                         if args.limit is None else "not saved (smoke run)",
             "wall times (s)": ", ".join(f"{k} {v:.0f}" for k, v in times.items())
                               + "; " + ", ".join(f"{lab} {seconds(lab):.0f}"
                                                  for lab in dict.fromkeys(r["label"] for r in rows))}
+    if reused is not None:
+        meta["baselines"] = (f"every row but NeuMeta's reused from {args.baselines_from} "
+                             f"(measured {reused['meta']['machine']})")
     paths = write_report(rows, RESULTS, title=f"{args.name}: ResNet-20 / CIFAR-10, NeuMeta vs baselines",
                          meta=meta, stem=args.name, plot=args.name)
     with open(paths["md"], "a") as f:

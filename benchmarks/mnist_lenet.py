@@ -74,11 +74,15 @@ def main() -> None:
     (RESULTS / "manifolds").mkdir(exist_ok=True)
     manifold.save(RESULTS / "manifolds" / f"{args.name}.safetensors")
     inr_params = sum(p.numel() for p in manifold.inr.parameters())
+    mlp_params = sum(p.numel() for n, p in manifold.inr.named_parameters() if not n.startswith("grid"))
     ablations = []
     if args.ablation_steps:
         variants = {"reference (short schedule)": cfg,
                     "no smoothing": dataclasses.replace(cfg, smooth=dataclasses.replace(cfg.smooth, enabled=False)),
-                    "no coordinate noise": dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, noise=0.0))}
+                    "no coordinate noise": dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, noise=0.0)),
+                    "fixed base grids": dataclasses.replace(cfg, inr=dataclasses.replace(cfg.inr, train_base=False)),
+                    "fixed bilinear base (previous default)": dataclasses.replace(
+                        cfg, inr=dataclasses.replace(cfg.inr, train_base=False, resample="bilinear"))}
         for label, c in variants.items():
             c = dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=1, steps=args.ablation_steps))
             t1 = time.perf_counter()
@@ -90,13 +94,15 @@ def main() -> None:
             print(ablations[-1], flush=True)
     result = {"machine": machine(), "config": cfg.to_dict(), "base_accuracy": base_acc,
               "base_seconds": round(base_seconds, 1), "morph_seconds": round(morph_seconds, 1),
-              "steps": manifold.info["steps"], "inr_params": inr_params, "rows": rows, "ablations": ablations}
+              "steps": manifold.info["steps"], "inr_params": inr_params, "mlp_params": mlp_params,
+              "rows": rows, "ablations": ablations}
     md = [f"# {args.name}: LeNet-5 / MNIST, whole network morphed", "",
           f"Command: `{result['machine']['command']}`  ",
           f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; torch "
           f"{result['machine']['torch']}; {result['machine']['date']}  ",
           f"Base LeNet-5: **{100 * base_acc:.2f}%**. Manifold: INR {args.hidden}x{args.layers} "
-          f"({inr_params:,} params), {manifold.info['steps']} steps ({args.epochs} epochs, compression "
+          f"({inr_params:,} trained params: MLP {mlp_params:,}, base grids {inr_params - mlp_params:,}; base "
+          f"resampling {cfg.inr.resample!r}), {manifold.info['steps']} steps ({args.epochs} epochs, compression "
           f"U[0, 0.5], coordinate noise {args.noise}), {morph_seconds / 60:.1f} min; K = {args.samples} samples.",
           "",
           f"| compression | accuracy (K = {args.samples}) | accuracy (K = 1) | params | trained? | sample time (s) |",

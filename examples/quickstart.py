@@ -35,8 +35,7 @@ def main() -> None:
     print(f"base LeNet-5: {100 * mk.evaluate(base, test)['accuracy']:.2f}%")
 
     # 2. learn the weight manifold once (every resizable channel group of the network)
-    cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=128, layers=3),
-                         train=mk.TrainConfig(steps=args.steps, compression=(0.0, 0.5)), samples=20)
+    cfg = mk.MorphConfig(train=mk.TrainConfig(steps=args.steps, compression=(0.0, 0.5)), samples=20)
     manifold = mk.morph(base, train, example_inputs=torch.zeros(1, 1, 28, 28), config=cfg)
     print(manifold.summary())
 

@@ -332,7 +332,7 @@ def demo(epochs: int, steps: int, progress: bool) -> None:
 
     import torch
 
-    from morphkit.config import INRConfig, MorphConfig, TrainConfig
+    from morphkit.config import MorphConfig, TrainConfig
     from morphkit.data import load_data, make_loaders
     from morphkit.export import count_params, load_model, save_model
     from morphkit.fit import evaluate, fit
@@ -349,7 +349,7 @@ def demo(epochs: int, steps: int, progress: bool) -> None:
                   lr=recipe["lr"], weight_decay=recipe["weight_decay"], progress=show, seed=0)
     base_m = evaluate(base, test_dl)
     click.echo(f"1/4 base LeNet-5 ({epochs} epochs, {count_params(base):,} params): {_fmt_metrics(base_m)}")
-    cfg = MorphConfig(inr=INRConfig(hidden=128, layers=3), train=TrainConfig(steps=steps), samples=20)
+    cfg = MorphConfig(train=TrainConfig(steps=steps), samples=20)
     manifold = morph(base, train_dl, example_inputs=torch.zeros(1, 1, 28, 28), config=cfg, progress=show)
     click.echo(f"2/4 morphed every clique ({manifold.summary()['resizable_cliques']} resizable) in "
                f"{manifold.info['seconds']:.0f} s; INR {manifold.summary()['inr_params']:,} params")

@@ -219,6 +219,7 @@ class CoordTable:
         segments: Per layout, ``(start, end)`` of its rows.
         plans: Per layout, the :class:`DimPlan` of each row dim.
         fan_in: Per layout, the fan-in factor ``size_in / C_in`` (1 without a fan-in dim).
+        cells: Per layout, ``(C_out, C_in)`` of its rows (1 for a missing out or in dim).
     """
 
     coords: torch.Tensor
@@ -226,6 +227,7 @@ class CoordTable:
     segments: list[tuple[int, int]]
     plans: list[list[DimPlan]]
     fan_in: list[float]
+    cells: list[tuple[int, int]]
 
     @property
     def rows(self) -> int:
@@ -265,7 +267,7 @@ class CoordBuilder:
         return hit
 
     def _build(self, counts: WidthMap) -> CoordTable:
-        blocks, noises, segments, plans, fan = [], [], [], [], []
+        blocks, noises, segments, plans, fan, cells = [], [], [], [], [], []
         start = 0
         for lt in self.layouts:
             dplans = [_dim_plan(r.index, lt.shape[r.dim], self.cliques[r.clique],
@@ -275,6 +277,7 @@ class CoordBuilder:
             counts_oi = [1, dplans[0].count] if lt.in_only else [dplans[0].count,
                                                                  dplans[1].count if len(dplans) > 1 else 1]
             c_out, c_in = counts_oi
+            cells.append((c_out, c_in))
             o = (torch.arange(c_out, dtype=torch.float32) + 0.5) / c_out  # (C_out,)
             i = (torch.arange(c_in, dtype=torch.float32) + 0.5) / c_in  # (C_in,)
             oo, ii = torch.meshgrid(o, i, indexing="ij")  # (C_out, C_in) each
@@ -294,7 +297,7 @@ class CoordBuilder:
             fan.append(fi.size / counts.get(fi.clique, fi.size) if fi is not None else 1.0)
         coords = torch.cat(blocks) if blocks else torch.zeros(0, 6)
         noise = torch.cat(noises) if noises else torch.zeros(0, 2)
-        return CoordTable(coords.contiguous(), noise.contiguous(), segments, plans, fan)
+        return CoordTable(coords.contiguous(), noise.contiguous(), segments, plans, fan, cells)
 
     def grid(self, k: int, tensor: torch.Tensor) -> torch.Tensor:
         """A base tensor as its ``(C_out, C_in, trailing)`` grid (the INR's residual base)."""

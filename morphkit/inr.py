@@ -6,13 +6,18 @@ it into that tensor's trailing values (``k*k`` for a conv, the spatial
 positions of a flattened map, 1 for a bias), in units of the tensor's RMS.
 
 With ``residual=True`` (the default) the INR also holds each tensor's smoothed
-base weights as a ``(C_out, C_in, trailing)`` grid and adds their bilinear
-interpolation at the row's (out, in) coordinates: the represented function is
-``bilinear(base)(coords) + MLP(coords) * rms``. Coordinate noise moves both
-terms unless ``base_noise=False``, which reads the base at the clean
-coordinates. Heads start at zero, so before any training the INR reproduces
-the base model exactly at full width and a smooth resampling of it at other
-widths; training learns the corrections that make every width accurate.
+base weights as a ``(C_out, C_in, trailing)`` grid and adds their resampling
+at the row's cell: ``base(cell) + MLP(coords) * rms``. ``resample="area"`` (the
+config default) averages the base channels each cell covers
+(:func:`area_weights`), so a narrower model starts from neighbouring channels
+merged (fan-out averaged, fan-in summed once the fan-in factor applies), read
+at the clean coordinates: noise moves only the MLP's input.
+``resample="bilinear"`` interpolates the grid at the row's (out, in)
+coordinates, moved by the noise unless ``base_noise=False``. Heads start at
+zero, so before any training the INR reproduces the base model exactly at
+full width and a merge of it at other widths. With ``train_grids`` the grids
+are parameters trained with the MLP: the MLP is a smooth function of the
+coordinates and makes smooth corrections, the grids the per-weight ones.
 ``residual=False`` is the paper's pure INR.
 
 The trunk runs once over all rows of a coordinate table; each head runs on its
@@ -28,7 +33,7 @@ from torch import nn
 
 from morphkit.coords import fourier_features
 
-__all__ = ["INR", "bilinear_rows"]
+__all__ = ["INR", "bilinear_rows", "area_weights"]
 
 N_COORDS = 6
 NOISY = [1, 2]  # the out / in channel columns: the only ones coordinate noise moves
@@ -68,6 +73,25 @@ def bilinear_rows(grid: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -
     return top * (1 - wo) + bot * wo
 
 
+def area_weights(count: int, size: int) -> torch.Tensor:
+    """``(count, size)`` box-filter weights: cell ``o`` of ``count`` averages the base channels it covers.
+
+    Cell ``o`` spans ``[o / count, (o + 1) / count)``, base channel ``n`` spans
+    ``[n / size, (n + 1) / size)``; the weight is their overlap over the cell's
+    length, so every row sums to 1 and ``count == size`` gives the identity.
+
+    Example:
+        >>> area_weights(2, 3)
+        tensor([[0.6667, 0.3333, 0.0000],
+                [0.0000, 0.3333, 0.6667]])
+    """
+    edges_c = torch.arange(count + 1, dtype=torch.float64) / count  # (count + 1,)
+    edges_s = torch.arange(size + 1, dtype=torch.float64) / size  # (size + 1,)
+    lo = torch.maximum(edges_c[:-1, None], edges_s[None, :-1])  # (count, size)
+    hi = torch.minimum(edges_c[1:, None], edges_s[None, 1:])  # (count, size)
+    return ((hi - lo).clamp_min(0) * count).float()
+
+
 class INR(nn.Module):
     """Residual MLP with one head per predicted tensor, optionally over base grids.
 
@@ -82,6 +106,10 @@ class INR(nn.Module):
             fill them with :meth:`set_grids` (or load a state dict).
         base_noise: Read the residual base at the noisy coordinates too (False:
             at the clean ones).
+        resample: ``"bilinear"`` or ``"area"`` (the base averaged over each cell,
+            at the clean coordinates; callers pass it to :meth:`head` from
+            :meth:`area_base`).
+        train_grids: Make the base grids trainable parameters (else buffers).
         bf16: Run the MLP's matrix products under bfloat16 autocast (outputs float32).
 
     Example:
@@ -94,9 +122,10 @@ class INR(nn.Module):
     def __init__(self, head_sizes: list[int], hidden: int = 256, layers: int = 5, n_freqs: int = 16,
                  scales: list[float] | None = None,
                  grid_shapes: list[tuple[int, int, int]] | None = None, base_noise: bool = True,
-                 bf16: bool = False) -> None:
+                 resample: str = "bilinear", train_grids: bool = False, bf16: bool = False) -> None:
         super().__init__()
         self.base_noise = base_noise
+        self.resample = resample
         self.bf16 = bf16
         self.n_freqs = n_freqs
         self.inp = nn.Linear(N_COORDS * (2 * n_freqs + 1), hidden)
@@ -107,7 +136,10 @@ class INR(nn.Module):
         self.residual = grid_shapes is not None
         if self.residual:
             for k, shape in enumerate(grid_shapes):
-                self.register_buffer(f"grid{k}", torch.zeros(shape))
+                if train_grids:
+                    self.register_parameter(f"grid{k}", nn.Parameter(torch.zeros(shape)))
+                else:
+                    self.register_buffer(f"grid{k}", torch.zeros(shape))
             for head in self.heads:  # residual form: start exactly at the base weights
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
@@ -118,8 +150,9 @@ class INR(nn.Module):
 
     def set_grids(self, grids: list[torch.Tensor]) -> None:
         """Copy the base grids in (residual form only)."""
-        for k, g in enumerate(grids):
-            getattr(self, f"grid{k}").copy_(g)
+        with torch.no_grad():
+            for k, g in enumerate(grids):
+                getattr(self, f"grid{k}").copy_(g)
 
     def _autocast(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -156,26 +189,45 @@ class INR(nn.Module):
         per = 2 * self.n_freqs + 1
         return [c * per + j for c in coords for j in range(per)]
 
+    def area_base(self, k: int, c_out: int, c_in: int) -> torch.Tensor:
+        """Tensor ``k``'s base averaged over the cells of a ``c_out x c_in`` width: ``(c_out * c_in, T)``.
+
+        Rows are in the coordinate table's order (out-major); at the base
+        width this is the grid itself.
+        """
+        grid = getattr(self, f"grid{k}")  # (N_out, N_in, T)
+        n_out, n_in, t = grid.shape
+        if c_out != n_out:
+            grid = torch.einsum("on,nmt->omt", area_weights(c_out, n_out).to(grid.device), grid)  # (c_out, N_in, T)
+        if c_in != n_in:
+            grid = torch.einsum("im,omt->oit", area_weights(c_in, n_in).to(grid.device), grid)  # (c_out, c_in, T)
+        return grid.reshape(c_out * c_in, t)
+
     def head(self, k: int, h: torch.Tensor, coords: torch.Tensor,
-             clean: torch.Tensor | None = None) -> torch.Tensor:
+             clean: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor ``k``'s rows from hidden features ``(..., R, hidden)`` and coords ``(..., R, 6)``.
 
         ``clean`` (same shape as ``coords``) are the coordinates before noise:
         the residual base is looked up there unless ``base_noise`` is set.
+        ``base`` (``(R, T)``, broadcast over leading dims) is the residual base
+        of these rows, required with ``resample="area"`` (see :meth:`area_base`).
         """
         with self._autocast(h.device):
             out = self.heads[k](h)  # (..., R, T)
         out = out.float() * self.scales[k]
         if self.residual:
-            grid = getattr(self, f"grid{k}")
-            at = coords if self.base_noise or clean is None else clean
-            flat = at.reshape(-1, at.shape[-1])
-            base = bilinear_rows(grid, flat[:, 1], flat[:, 2]).reshape(*at.shape[:-1], -1)
+            if base is None:
+                assert self.resample == "bilinear", "resample='area' needs the base rows from area_base()"
+                grid = getattr(self, f"grid{k}")
+                at = coords if self.base_noise or clean is None else clean
+                flat = at.reshape(-1, at.shape[-1])
+                base = bilinear_rows(grid, flat[:, 1], flat[:, 2]).reshape(*at.shape[:-1], -1)
             out = out + base
         return out
 
     def forward(self, coords: torch.Tensor, segments: list[tuple[int, int]],
-                which: list[int] | None = None, clean: torch.Tensor | None = None) -> list[torch.Tensor]:
+                which: list[int] | None = None, clean: torch.Tensor | None = None,
+                bases: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Predict the rows of each tensor.
 
         Args:
@@ -184,11 +236,13 @@ class INR(nn.Module):
             segments: ``(start, end)`` of each tensor's rows within ``coords``.
             which: Head index of each segment (default: ``range(len(segments))``).
             clean: ``coords`` before noise (where the residual base is read; see :meth:`head`).
+            bases: Per segment, the residual base rows (``resample="area"``).
 
         Returns:
             One ``(rows, trailing)`` tensor per segment (before the fan-in factor).
         """
         h = self.trunk(coords)
         which = list(range(len(segments))) if which is None else which
-        return [self.head(k, h[s:e], coords[s:e], None if clean is None else clean[s:e])
-                for k, (s, e) in zip(which, segments)]
+        return [self.head(k, h[s:e], coords[s:e], None if clean is None else clean[s:e],
+                          None if bases is None else bases[j])
+                for j, (k, (s, e)) in enumerate(zip(which, segments))]

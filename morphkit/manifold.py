@@ -49,7 +49,8 @@ def build_inr(layouts: list[TensorLayout], config: MorphConfig) -> INR:
     grids = [lt.grid_shape for lt in layouts]
     return INR([lt.trailing for lt in layouts], config.inr.hidden, config.inr.layers, config.inr.n_freqs,
                scales=[lt.scale for lt in layouts], grid_shapes=grids if config.inr.residual else None,
-               base_noise=config.inr.base_noise, bf16=config.inr.precision == "bfloat16")
+               base_noise=config.inr.base_noise, resample=config.inr.resample, train_grids=config.inr.train_base,
+               bf16=config.inr.precision == "bfloat16")
 
 
 def predict_tensors(inr: INR, builder: CoordBuilder, table: CoordTable, *, noise: float = 0.0,
@@ -86,7 +87,8 @@ def predict_tensors(inr: INR, builder: CoordBuilder, table: CoordTable, *, noise
         u = torch.rand(coords.shape[0], 2, generator=generator).to(device) * 2 - 1  # (R, 2) in U(-1, 1)
         coords = coords.clone()
         coords[:, 1:3] += noise * u * scale.to(device)
-    outs = inr(coords, segs, which, clean=clean)
+    bases = [inr.area_base(k, *table.cells[k]) for k in which] if inr.residual and inr.resample == "area" else None
+    outs = inr(coords, segs, which, clean=clean, bases=bases)
     return {builder.layouts[k].name: builder.assemble(k, table, out * table.fan_in[k])
             for k, out in zip(which, outs)}
 
@@ -179,6 +181,8 @@ class Manifold:
         acc: list[torch.Tensor | None] = [None] * n_heads
         per = max(1, ROWS_PER_CHUNK // max(1, rows))
         fixed = self.inr.fixed_part(table.coords)  # (R, hidden): the same for every draw
+        area = self.inr.residual and self.inr.resample == "area"
+        bases = [self.inr.area_base(k, *table.cells[k]) if area else None for k in range(n_heads)]
         done = 0
         while done < k_draws:
             kc = min(per, k_draws - done)
@@ -190,7 +194,7 @@ class Manifold:
             coords[:, :, 1:3] += a * u * table.noise
             h = self.inr.trunk(coords.reshape(kc * rows, 6), fixed).reshape(kc, rows, -1)  # (kc, R, hidden)
             for k, (s, e) in enumerate(table.segments):
-                out = self.inr.head(k, h[:, s:e], coords[:, s:e], clean[:, s:e]).sum(0)  # (rows_k, trailing)
+                out = self.inr.head(k, h[:, s:e], coords[:, s:e], clean[:, s:e], bases[k]).sum(0)  # (rows_k, T)
                 acc[k] = out if acc[k] is None else acc[k] + out
             done += kc
         return {lt.name: self.builder.assemble(k, table, acc[k] * (table.fan_in[k] / k_draws))

@@ -392,7 +392,10 @@ def morph(
             p.requires_grad_(False)
         per_pass = len(train_data) // world if hasattr(train_data, "__len__") else 1
         steps = tc.steps or tc.epochs * max(1, per_pass)
-        opt = torch.optim.Adam(inr.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        grids = [p for n, p in inr.named_parameters() if n.startswith("grid")]  # train_base: the base grids
+        rest = [p for n, p in inr.named_parameters() if not n.startswith("grid")]
+        groups = [{"params": rest}] + ([{"params": grids, "lr": tc.lr * tc.base_lr_scale}] if grids else [])
+        opt = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
         gen = torch.Generator().manual_seed(tc.seed + rank)
         teacher = base.to(dev) if tc.distill > 0 else None
@@ -544,7 +547,11 @@ def _recon_loss(inr: INR, builder: Any, table: Any, targets: list[torch.Tensor],
     for k in which:
         segs.append((pos, pos + counts[k]))
         pos += counts[k]
-    outs = inr(coords.to(dev), segs, which, clean=clean.to(dev))
+    bases = None
+    if inr.residual and inr.resample == "area":  # full width: the base rows are the grid's own rows
+        bases = [getattr(inr, f"grid{k}").reshape(-1, getattr(inr, f"grid{k}").shape[-1])
+                 .index_select(0, (idx[s:e] - table.segments[k][0]).to(dev)) for k, (s, e) in zip(which, segs)]
+    outs = inr(coords.to(dev), segs, which, clean=clean.to(dev), bases=bases)
     total = torch.zeros((), device=dev)
     for k, out, (s, e) in zip(which, outs, segs):
         local = (idx[s:e] - table.segments[k][0]).to(dev)

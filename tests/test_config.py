@@ -33,6 +33,9 @@ def test_load_from_file(tmp_path):
     {"train": {"tensor_fraction": 0}},
     {"inr": {"hidden": 0}},
     {"inr": {"n_freqs": 40}},
+    {"inr": {"resample": "nearest"}},
+    {"inr": {"train_base": 1}},
+    {"train": {"base_lr_scale": -0.1}},
     {"smooth": {"time_budget": -1}},
     {"samples": 0},
     {"fuse_bn": "yes"},
@@ -51,6 +54,18 @@ def test_unknown_keys_and_versions():
         MorphConfig.from_dict({"version": CONFIG_VERSION + 1})
     with pytest.raises(ConfigError, match="not valid JSON"):
         MorphConfig.from_json("{nope")
+
+
+def test_version_1_configs_keep_the_behaviour_they_were_trained_with():
+    old = MorphConfig().to_dict()
+    old["version"] = 1
+    for key in ("resample", "train_base"):  # fields version 1 did not have
+        del old["inr"][key]
+    cfg = MorphConfig.from_dict(old)
+    assert cfg.inr.resample == "bilinear" and cfg.inr.train_base is False
+    assert MorphConfig.from_dict({"version": 1}).inr.resample == "bilinear"
+    now = MorphConfig.from_dict({"train": {"epochs": 2}})  # a user's partial config: today's defaults
+    assert now.inr.resample == "area" and now.inr.train_base is True
 
 
 def test_config_error_is_value_error():

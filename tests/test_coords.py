@@ -4,7 +4,7 @@ import torch
 import morphkit as mk
 from morphkit.clique import width_map
 from morphkit.coords import CoordBuilder, _dims_of, fourier_features, plan_layouts, resize_static
-from morphkit.inr import INR, bilinear_rows
+from morphkit.inr import INR, area_weights, bilinear_rows
 
 
 def _plan(name):
@@ -125,7 +125,7 @@ def test_base_noise_option_decides_where_the_residual_base_is_read(lenet_plan, b
     m, cliques, state, layouts, _ = lenet_plan
     from morphkit.manifold import build_inr, predict_tensors
 
-    cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2, base_noise=base_noise))
+    cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2, base_noise=base_noise, resample="bilinear"))
     inr = build_inr(layouts, cfg)
     b = CoordBuilder(layouts, cliques)
     inr.set_grids([b.grid(k, state[lt.name]) for k, lt in enumerate(layouts)])
@@ -167,3 +167,51 @@ def test_trunk_with_precomputed_fixed_part_matches_the_full_embedding():
     h = inr.trunk(draws, inr.fixed_part(rows))  # with autograd: no in-place ops on the graph
     h.sum().backward()
     assert inr.inp.weight.grad is not None and inr.inp.weight.grad.abs().sum() > 0
+
+
+def test_area_weights_average_the_base_channels_each_cell_covers():
+    assert torch.equal(area_weights(5, 5), torch.eye(5))
+    for count, size in [(1, 7), (3, 6), (4, 6), (5, 16), (30, 120)]:
+        a = area_weights(count, size)
+        assert a.shape == (count, size) and torch.allclose(a.sum(1), torch.ones(count))
+        assert torch.allclose(a.sum(0), torch.full((size,), count / size))  # every base channel counted once
+    assert torch.allclose(area_weights(2, 3), torch.tensor([[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]]))
+
+
+def _area_inr(lenet_plan, **kw):
+    m, cliques, state, layouts, _ = lenet_plan
+    from morphkit.manifold import build_inr
+
+    inr = build_inr(layouts, mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2, resample="area", **kw)))
+    b = CoordBuilder(layouts, cliques)
+    inr.set_grids([b.grid(k, state[lt.name]) for k, lt in enumerate(layouts)])
+    return inr, b, state
+
+
+def test_area_base_merges_neighbouring_channels(lenet_plan):
+    from morphkit.manifold import predict_tensors
+
+    inr, b, state = _area_inr(lenet_plan)
+    counts = {cid: c // 2 for cid, c in b.full().items() if not b.cliques[cid].fixed}  # every clique halved
+    pred = predict_tensors(inr, b, b.table(counts), noise=0.4, generator=torch.Generator().manual_seed(0))
+    w1, w2 = state["conv1.weight"], state["conv2.weight"]  # (6, 1, 5, 5), (16, 6, 5, 5)
+    # out channels: each kept channel is the mean of a consecutive pair (noise never moves the area base)
+    assert torch.allclose(pred["conv1.weight"], (w1[0::2] + w1[1::2]) / 2, atol=1e-6)
+    # fan-in: the pair's mean times the fan-in factor 2, i.e. their sum, so the next layer sees the same total
+    out_mean = (w2[0::2] + w2[1::2]) / 2  # (8, 6, 5, 5)
+    assert torch.allclose(pred["conv2.weight"], out_mean[:, 0::2] + out_mean[:, 1::2], atol=1e-5)
+    assert torch.allclose(pred["conv1.bias"], (state["conv1.bias"][0::2] + state["conv1.bias"][1::2]) / 2)
+    full = predict_tensors(inr, b, b.table(b.full()), noise=0.4, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(full[k], state[k]) for k in full)  # base width: the grid itself
+
+
+def test_area_base_gets_gradients_only_when_trainable(lenet_plan):
+    from morphkit.manifold import predict_tensors
+
+    for trainable in (False, True):
+        inr, b, _ = _area_inr(lenet_plan, train_base=trainable)
+        pred = predict_tensors(inr, b, b.table({cid: max(1, c // 3) for cid, c in b.full().items()
+                                                 if not b.cliques[cid].fixed}))
+        sum(t.pow(2).sum() for t in pred.values()).backward()
+        assert isinstance(inr.grid0, torch.nn.Parameter) is trainable
+        assert bool(inr.grid0.grad is not None and inr.grid0.grad.abs().sum() > 0) is trainable

@@ -138,7 +138,8 @@ def test_pure_inr_option_trains():
     assert not m.inr.residual and m.sample(0.5)(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
 
 
-@pytest.mark.parametrize("inr_kw", [{"precision": "bfloat16"}, {"base_noise": False}])
+@pytest.mark.parametrize("inr_kw", [{"precision": "bfloat16"}, {"base_noise": False},
+                                    {"resample": "area", "train_base": True}])
 def test_inr_options_train_save_and_load(inr_kw, tmp_path):
     cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2, n_freqs=4, **inr_kw),
                          train=mk.TrainConfig(steps=3), samples=3)
