@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: machine/version record and result writing."""
+"""Shared helpers of the benchmark scripts: machine/version record, result writing, reused baselines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -41,3 +43,34 @@ def write(name: str, result: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
+
+
+def data_name(spec: str | None) -> str:
+    """A data spec's kind and file name (``mnist:/a/b/mnist`` -> ``mnist:mnist``): the same data elsewhere matches."""
+    kind, _, path = (spec or "").partition(":")
+    return f"{kind}:{Path(path).name}"
+
+
+def reused_baselines(path: str, expect: dict[str, Any | Callable[[Any], bool]]) -> tuple[dict, list[dict]]:
+    """The rows of every method but NeuMeta from an earlier ``compare`` result, after checking its run.
+
+    The baselines (pruning, individual, slimmable) do not depend on the INR, so
+    a change to the manifold can be measured against them without training them
+    again. ``expect`` maps meta keys of the earlier result to the value this run
+    has (or to a predicate on the earlier value); any difference stops the run.
+
+    Returns:
+        ``(meta of the earlier result, its non-NeuMeta rows)``.
+    """
+    old = json.loads(Path(path).read_text())
+    meta = old["meta"]
+    diff = []
+    for key, want in expect.items():
+        got = meta.get(key)
+        ok = want(got) if callable(want) else got == want
+        if not ok:
+            diff.append(f"{key}: {got!r} there, {want if not callable(want) else 'another value'!r} here")
+    if diff:
+        raise SystemExit(f"{path}: its run differs from this one ({'; '.join(diff)}); "
+                         "rerun the baselines without --baselines-from")
+    return meta, [r for r in old["rows"] if r["method"] != "neumeta"]

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import DATA, RESULTS, machine
+from _common import DATA, RESULTS, data_name, machine, reused_baselines
 
 import morphkit as mk
 from morphkit.compare import write_report
@@ -50,26 +50,6 @@ PRUNING = ("l1", "l2", "taylor", "hessian", "random")
 def stored_params(manifold: mk.Manifold) -> int:
     """Numbers a manifold file holds for its INR: parameters plus buffers (the residual base grids)."""
     return sum(t.numel() for t in manifold.inr.state_dict().values())
-
-
-def _reused_baselines(args: argparse.Namespace) -> dict:
-    """The non-NeuMeta rows of an earlier result, checked to share this run's base, data, seed and budget."""
-    old = json.loads(Path(args.baselines_from).read_text())
-    meta = old["meta"]
-    def dataset(spec: str | None) -> str:  # kind and file name: the same data at another path matches
-        kind, _, path = (spec or "").partition(":")
-        return f"{kind}:{Path(path).name}"
-
-    want = {"seed": args.seed, "data": dataset(args.data)}
-    got = {"seed": meta.get("seed"), "data": dataset(meta.get("data"))}
-    budget = f"{args.epochs} epoch(s) per method"
-    if got != want or not meta.get("budget", "").startswith(budget) or \
-            Path(meta.get("base", "").split(":")[0]).name != Path(args.base).name or args.finetune_epochs or \
-            args.limit is not None or args.test_limit is not None:
-        raise SystemExit(f"{args.baselines_from}: its run differs from this one ({got}, {meta.get('budget')!r}, "
-                         f"{meta.get('base')!r}; want {want}, {budget!r}, {Path(args.base).name}); rerun the "
-                         "baselines without --baselines-from")
-    return {"meta": meta, "rows": [r for r in old["rows"] if r["method"] != "neumeta"]}
 
 
 def main() -> None:
@@ -105,7 +85,16 @@ def main() -> None:
     t0 = time.perf_counter()
     inr = (mk.INRConfig(resample="bilinear", train_base=False, base_noise=False) if args.clean_base
            else mk.INRConfig())
-    reused = _reused_baselines(args) if args.baselines_from else None
+    reused = None
+    if args.baselines_from:
+        if args.finetune_epochs or args.limit is not None or args.test_limit is not None:
+            raise SystemExit("--baselines-from reuses full runs without fine-tuning; drop --finetune-epochs, "
+                             "--limit and --test-limit")
+        old_meta, old_rows = reused_baselines(args.baselines_from, {
+            "seed": args.seed, "data": lambda d: data_name(d) == data_name(args.data),
+            "budget": lambda b: (b or "").startswith(f"{args.epochs} epoch(s) per method"),
+            "base": lambda b: Path((b or "").split(":")[0]).name == Path(args.base).name})
+        reused = {"meta": old_meta, "rows": old_rows}
     cfg = mk.MorphConfig(train=mk.TrainConfig(epochs=args.epochs, seed=args.seed), samples=args.samples, inr=inr)
     manifold = mk.morph(base, train, example_inputs=x, config=cfg, device=args.device)
     times["morph"] = time.perf_counter() - t0

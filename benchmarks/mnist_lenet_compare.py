@@ -10,6 +10,8 @@ model of one compression has the same parameter count. Writes
 ``benchmarks/results/mnist_lenet_compare.{json,md,png}``.
 
     python benchmarks/mnist_lenet_compare.py --manifold lenet.morph.safetensors
+    python benchmarks/mnist_lenet_compare.py --manifold benchmarks/results/manifolds/mnist_lenet.safetensors \
+        --baselines-from benchmarks/results/mnist_lenet_compare.json   # NeuMeta only, baselines reused
     python benchmarks/mnist_lenet_compare.py --data embedded --limit 512 --epochs 1 --train-epochs 1 \\
         --name smoke_compare          # a quick smoke run (not a result)
 """
@@ -20,7 +22,7 @@ import argparse
 import time
 
 import torch
-from _common import DATA, RESULTS, machine
+from _common import DATA, RESULTS, data_name, machine, reused_baselines
 
 import morphkit as mk
 from morphkit.compare import write_report
@@ -43,6 +45,8 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="mnist_lenet_compare")
+    ap.add_argument("--baselines-from", default=None, metavar="JSON",
+                    help="reuse every non-NeuMeta row of this earlier result (same data, seed, schedules)")
     args = ap.parse_args()
     x = torch.zeros(1, 1, 28, 28)
     splits = load_data(args.data)
@@ -64,14 +68,24 @@ def main() -> None:
         cfg = mk.MorphConfig(train=mk.TrainConfig(epochs=args.epochs, seed=args.seed), samples=args.samples)
         manifold = mk.morph(base, train, example_inputs=x, config=cfg)
     times["morph"] = time.perf_counter() - t0
-    rows = []
-    for methods, ft in ((("neumeta", *PRUNING, "individual", "slimmable"), 0), (PRUNING, args.finetune_epochs)):
+    rows, reused = [], None
+    plan = ((("neumeta", *PRUNING, "individual", "slimmable"), 0), (PRUNING, args.finetune_epochs))
+    if args.baselines_from:
+        if args.limit is not None or args.test_limit is not None:
+            raise SystemExit("--baselines-from reuses full runs; drop --limit and --test-limit")
+        reused, rows = reused_baselines(args.baselines_from, {
+            "seed": args.seed, "data": lambda d: data_name(d) == data_name(args.data),
+            "fine-tuning": f"{args.finetune_epochs} epoch(s), lr = recipe lr / 10",
+            "individual / slimmable epochs": args.train_epochs or "recipe (10)"})
+        plan = ((("neumeta",), 0),)
+    for methods, ft in plan:
         if ft == 0 or args.finetune_epochs > 0:
             t0 = time.perf_counter()
             rows += mk.compare(manifold, test, methods, COMPRESSIONS, base=base, finetune_epochs=ft,
                                samples=args.samples, seed=args.seed, train_data=train,
                                train_epochs=args.train_epochs)
             times[f"compare (fine-tune {ft})"] = time.perf_counter() - t0
+    rows = [r for r in rows if r["method"] == "neumeta"] + [r for r in rows if r["method"] != "neumeta"]
     for g in COMPRESSIONS:
         params = {r["params"] for r in rows if r["compression"] == g}
         assert len(params) == 1, f"compression {g}: parameter counts differ: {params}"
@@ -86,6 +100,8 @@ def main() -> None:
             "samples (K)": args.samples, "fine-tuning": f"{args.finetune_epochs} epoch(s), lr = recipe lr / 10",
             "individual / slimmable epochs": args.train_epochs or "recipe (10)",
             "wall times (s)": ", ".join(f"{k} {v:.0f}" for k, v in times.items())}
+    if reused is not None:
+        meta["baselines"] = f"every row but NeuMeta's reused from {args.baselines_from} (measured {reused['machine']})"
     write_report(rows, RESULTS, title=f"{args.name}: LeNet-5 / MNIST, NeuMeta vs baselines", meta=meta,
                  stem=args.name, plot=args.name)
     print((RESULTS / f"{args.name}.md").read_text())

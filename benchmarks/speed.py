@@ -72,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="lenet5,resnet20,resnet18")
     ap.add_argument("--batch", type=int, default=128, help="batch of the step comparison")
-    ap.add_argument("--steps", type=int, default=20, help="n of the 2n-minus-n morph step timing")
+    ap.add_argument("--steps", type=int, default=50, help="n of the 2n-minus-n morph step timing")
     ap.add_argument("--samples", type=int, default=50)
     ap.add_argument("--widths", default="1.0,0.5")
     ap.add_argument("--threads", type=int, default=2)

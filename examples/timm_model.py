@@ -58,8 +58,7 @@ def main() -> None:
     print(f"{len(cliques)} cliques, {sum(not c.fixed for c in cliques)} resizable")
 
     # 3. learn the manifold and sample two widths
-    cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=64, layers=3), train=mk.TrainConfig(steps=args.steps),
-                         samples=5)
+    cfg = mk.MorphConfig(train=mk.TrainConfig(steps=args.steps), samples=5)
     manifold = mk.morph(model, train, example_inputs=x, config=cfg)
     for width in (1.0, 0.75, 0.5):
         net = manifold.sample(width, calib_data=train)  # BN statistics recalibrated where BN was not folded

@@ -45,8 +45,7 @@ def main() -> None:
     base = mk.evaluate(vae, test)
     print(f"base VAE: MSE {base['mse']:.4f}, NLL <= {base['nll']:.1f} nats")
 
-    cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=64, layers=3), train=mk.TrainConfig(steps=args.steps),
-                         samples=10)
+    cfg = mk.MorphConfig(train=mk.TrainConfig(steps=args.steps), samples=10)
     manifold = mk.morph(vae, train, example_inputs=torch.zeros(1, 1, 28, 28), config=cfg, loss_fn=elbo_loss)
     for width in (1.0, 0.75, 0.5, 0.25):
         net = manifold.sample(width)

@@ -499,7 +499,7 @@ def morph(
         manifold.base = base.cpu().eval()
         manifold._templates.clear()
         info: dict[str, Any] = {"steps": steps, "seconds": round(time.perf_counter() - t_start, 1),
-                                "train_seconds": round(train_seconds, 1), "world_size": world,
+                                "train_seconds": round(train_seconds, 3), "world_size": world,
                                 "images_per_s": round(world * state.seen / max(train_seconds, 1e-9), 1),
                                 "history": state.history[-200:], "evals": state.evals}
         if eval_data is not None and rank == 0:
