@@ -15,7 +15,7 @@ at the clean coordinates: noise moves only the MLP's input.
 ``resample="bilinear"`` interpolates the grid at the row's (out, in)
 coordinates, moved by the noise unless ``base_noise=False``. Heads start at
 zero, so before any training the INR reproduces the base model exactly at
-full width and a merge of it at other widths. With ``train_grids`` the grids
+full width and a merge of it at other widths. With ``train_base`` the grids
 are parameters trained with the MLP: the MLP is a smooth function of the
 coordinates and makes smooth corrections, the grids the per-weight ones.
 ``residual=False`` is the paper's pure INR.
@@ -109,7 +109,7 @@ class INR(nn.Module):
         resample: ``"bilinear"`` or ``"area"`` (the base averaged over each cell,
             at the clean coordinates; callers pass it to :meth:`head` from
             :meth:`area_base`).
-        train_grids: Make the base grids trainable parameters (else buffers).
+        train_base: Make the base grids trainable parameters (else buffers).
         bf16: Run the MLP's matrix products under bfloat16 autocast (outputs float32).
 
     Example:
@@ -122,7 +122,7 @@ class INR(nn.Module):
     def __init__(self, head_sizes: list[int], hidden: int = 256, layers: int = 5, n_freqs: int = 16,
                  scales: list[float] | None = None,
                  grid_shapes: list[tuple[int, int, int]] | None = None, base_noise: bool = True,
-                 resample: str = "bilinear", train_grids: bool = False, bf16: bool = False) -> None:
+                 resample: str = "bilinear", train_base: bool = False, bf16: bool = False) -> None:
         super().__init__()
         self.base_noise = base_noise
         self.resample = resample
@@ -136,7 +136,7 @@ class INR(nn.Module):
         self.residual = grid_shapes is not None
         if self.residual:
             for k, shape in enumerate(grid_shapes):
-                if train_grids:
+                if train_base:
                     self.register_parameter(f"grid{k}", nn.Parameter(torch.zeros(shape)))
                 else:
                     self.register_buffer(f"grid{k}", torch.zeros(shape))

@@ -49,7 +49,7 @@ def build_inr(layouts: list[TensorLayout], config: MorphConfig) -> INR:
     grids = [lt.grid_shape for lt in layouts]
     return INR([lt.trailing for lt in layouts], config.inr.hidden, config.inr.layers, config.inr.n_freqs,
                scales=[lt.scale for lt in layouts], grid_shapes=grids if config.inr.residual else None,
-               base_noise=config.inr.base_noise, resample=config.inr.resample, train_grids=config.inr.train_base,
+               base_noise=config.inr.base_noise, resample=config.inr.resample, train_base=config.inr.train_base,
                bf16=config.inr.precision == "bfloat16")
 
 
