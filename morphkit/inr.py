@@ -27,6 +27,8 @@ never over rows. The caller multiplies the output by the fan-in factor.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,6 +92,14 @@ def area_weights(count: int, size: int) -> torch.Tensor:
     lo = torch.maximum(edges_c[:-1, None], edges_s[None, :-1])  # (count, size)
     hi = torch.minimum(edges_c[1:, None], edges_s[None, 1:])  # (count, size)
     return ((hi - lo).clamp_min(0) * count).float()
+
+
+_small_area_weights = lru_cache(maxsize=1024)(area_weights)  # <= 64 KB each: at most 64 MB cached
+
+
+def _area_weights(count: int, size: int) -> torch.Tensor:
+    """:func:`area_weights` for the training and sampling loops: small ones cached (never modified in place)."""
+    return _small_area_weights(count, size) if count * size <= 1 << 14 else area_weights(count, size)
 
 
 class INR(nn.Module):
@@ -198,9 +208,9 @@ class INR(nn.Module):
         grid = getattr(self, f"grid{k}")  # (N_out, N_in, T)
         n_out, n_in, t = grid.shape
         if c_out != n_out:
-            grid = torch.einsum("on,nmt->omt", area_weights(c_out, n_out).to(grid.device), grid)  # (c_out, N_in, T)
+            grid = torch.einsum("on,nmt->omt", _area_weights(c_out, n_out).to(grid.device), grid)  # (c_out, N_in, T)
         if c_in != n_in:
-            grid = torch.einsum("im,omt->oit", area_weights(c_in, n_in).to(grid.device), grid)  # (c_out, c_in, T)
+            grid = torch.einsum("im,omt->oit", _area_weights(c_in, n_in).to(grid.device), grid)  # (c_out, c_in, T)
         return grid.reshape(c_out * c_in, t)
 
     def head(self, k: int, h: torch.Tensor, coords: torch.Tensor,
