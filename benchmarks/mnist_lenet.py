@@ -86,8 +86,10 @@ def main() -> None:
                         cfg, inr=dataclasses.replace(cfg.inr, train_base=False, resample="bilinear"))}
         for label, c in variants.items():
             c = dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=1, steps=args.ablation_steps))
+            # a fresh loader per variant: the same data order whatever ran before (loaders count epochs)
+            fresh, _ = make_loaders(splits, batch_size=128, seed=args.seed, test_batch_size=1000)
             t1 = time.perf_counter()
-            m = mk.morph(base, train, example_inputs=torch.zeros(1, 1, 28, 28), config=c, progress=False)
+            m = mk.morph(base, fresh, example_inputs=torch.zeros(1, 1, 28, 28), config=c, progress=False)
             accs = {f"{g:g}": mk.evaluate(m.sample(1 - g, samples=args.samples), test)["accuracy"]
                     for g in (0.0, 0.25, 0.5, 0.75)}
             ablations.append({"variant": label, "steps": args.ablation_steps, "accuracy": accs,
