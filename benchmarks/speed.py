@@ -6,8 +6,11 @@ for LeNet-5 and ResNet-20, the wall time of one ``morph()`` step against one
 plain training step (forward, cross-entropy, backward, Adam) of the full-width
 network at the same batch, measured in the same run. Weights are random (speed
 does not depend on them); the morph-step cost is the difference between a
-``2n``-step and an ``n``-step run divided by ``n``, so set-up (tracing,
-smoothing, templates) is not counted. Writes ``benchmarks/results/speed.{json,md}``.
+``2n``-step and an ``n``-step run divided by ``n`` (``--steps``, default 50),
+so one-off set-up (tracing, smoothing) is not counted; the templates and
+coordinate tables of width maps first drawn in the second half are, which a
+long run amortises (LeNet-5 measured 33 ms at n = 50, 30-31 ms at n = 100-200). Writes
+``benchmarks/results/speed.{json,md}``.
 
     python benchmarks/speed.py                 # the default INR (MorphConfig())
     python benchmarks/speed.py --threads 2 --batch 128
