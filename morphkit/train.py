@@ -548,9 +548,9 @@ def _recon_loss(inr: INR, builder: Any, table: Any, targets: list[torch.Tensor],
         segs.append((pos, pos + counts[k]))
         pos += counts[k]
     bases = None
-    if inr.residual and inr.resample == "area":  # full width: the base rows are the grid's own rows
-        bases = [getattr(inr, f"grid{k}").reshape(-1, getattr(inr, f"grid{k}").shape[-1])
-                 .index_select(0, (idx[s:e] - table.segments[k][0]).to(dev)) for k, (s, e) in zip(which, segs)]
+    if inr.residual and inr.resample == "area":  # full width: area_base is the grid itself
+        bases = [inr.area_base(k, *table.cells[k]).index_select(0, (idx[s:e] - table.segments[k][0]).to(dev))
+                 for k, (s, e) in zip(which, segs)]
     outs = inr(coords.to(dev), segs, which, clean=clean.to(dev), bases=bases)
     total = torch.zeros((), device=dev)
     for k, out, (s, e) in zip(which, outs, segs):
