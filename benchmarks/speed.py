@@ -4,12 +4,17 @@ For LeNet-5 (MNIST shapes), ResNet-20 (CIFAR-10 shapes) and timm resnet18
 (224x224): the time of ``Manifold.sample(w, samples=K)`` at a few widths, and,
 for LeNet-5 and ResNet-20, the wall time of one ``morph()`` step against one
 plain training step (forward, cross-entropy, backward, Adam) of the full-width
-network at the same batch, measured in the same run. Weights are random (speed
-does not depend on them); the morph-step cost is the difference between a
-``2n``-step and an ``n``-step run divided by ``n`` (``--steps``, default 50),
-so one-off set-up (tracing, smoothing) is not counted; the templates and
-coordinate tables of width maps first drawn in the second half are, which a
-long run amortises (LeNet-5 measured 33 ms at n = 50, 30-31 ms at n = 100-200). Writes
+network at the same batch. Weights are random (speed does not depend on
+them). A morph() step is timed inside ``morph()`` (``info["median_step_seconds"]``:
+the median over its ``--steps`` steps of each step's wall time, from drawing
+the width to the EMA update; set-up, evaluation and checkpoints are outside
+it). The median is the steady state a long run sees; the first visit of a
+width map (building its template and coordinate table) is a slower outlier,
+counted in the mean step (``train_seconds / steps``, also reported). On a
+shared machine a step's wall time drifts by 2x within minutes, so the two
+are measured in ``--rounds`` interleaved rounds (plain, morph, plain) and the
+table reports the median over rounds of each round's ratio (its plain step:
+the mean of its two plain timings, each the median of 20 steps). Writes
 ``benchmarks/results/speed.{json,md}``.
 
     python benchmarks/speed.py                 # the default INR (MorphConfig())
@@ -58,24 +63,35 @@ def plain_step_seconds(model: torch.nn.Module, data: list, repeats: int) -> floa
     return statistics.median(times)
 
 
-def morph_step_seconds(model: torch.nn.Module, data: list, x: torch.Tensor, cfg: mk.MorphConfig,
-                       steps: int) -> tuple[float, mk.Manifold]:
-    """Per-step cost of morph(): (time(2n steps) - time(n steps)) / n."""
+def step_rounds(spec: str, model: torch.nn.Module, data: list, x: torch.Tensor, cfg: mk.MorphConfig,
+                steps: int, rounds: int) -> tuple[list[dict], mk.Manifold]:
+    """Interleaved rounds of plain-step and morph-step timings (see the module doc).
+
+    Returns:
+        One ``{"plain_step_s", "morph_step_s", "morph_mean_step_s", "step_ratio"}`` per round,
+        and the last manifold.
+    """
     import dataclasses
 
-    out = {}
-    for n in (steps, 2 * steps):
-        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=n))
+    c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    mk.morph(model, data, example_inputs=x, config=c, progress=False, device="cpu")  # warm-up (JIT, caches)
+    out = []
+    for _ in range(rounds):
+        before = plain_step_seconds(mk.build_model(spec), data, repeats=20)
         manifold = mk.morph(model, data, example_inputs=x, config=c, progress=False, device="cpu")
-        out[n] = manifold.info["train_seconds"], manifold
-    return (out[2 * steps][0] - out[steps][0]) / steps, out[2 * steps][1]
+        after = plain_step_seconds(mk.build_model(spec), data, repeats=20)
+        p, m = (before + after) / 2, manifold.info["median_step_seconds"]
+        out.append({"plain_step_s": p, "morph_step_s": m, "morph_mean_step_s": manifold.info["train_seconds"] / steps,
+                    "step_ratio": m / p})
+    return out, manifold
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="lenet5,resnet20,resnet18")
     ap.add_argument("--batch", type=int, default=128, help="batch of the step comparison")
-    ap.add_argument("--steps", type=int, default=50, help="n of the 2n-minus-n morph step timing")
+    ap.add_argument("--steps", type=int, default=100, help="morph() steps per timing round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved plain / morph timing rounds")
     ap.add_argument("--samples", type=int, default=50)
     ap.add_argument("--widths", default="1.0,0.5")
     ap.add_argument("--threads", type=int, default=2)
@@ -101,9 +117,9 @@ def main() -> None:
         row: dict = {"model": name, "params": sum(p.numel() for p in model.parameters())}
         if name != "resnet18":
             data = _data(shape, classes, args.batch, 4)
-            row["plain_step_s"] = plain_step_seconds(mk.build_model(spec), data, repeats=20)
-            row["morph_step_s"], manifold = morph_step_seconds(model, data, x, cfg, args.steps)
-            row["step_ratio"] = row["morph_step_s"] / row["plain_step_s"]
+            row["rounds"], manifold = step_rounds(spec, model, data, x, cfg, args.steps, args.rounds)
+            for key in ("plain_step_s", "morph_step_s", "morph_mean_step_s", "step_ratio"):
+                row[key] = statistics.median(r[key] for r in row["rounds"])
         else:  # sampling only: a 2-step manifold is enough to time sample()
             import dataclasses
 
@@ -130,15 +146,21 @@ def main() -> None:
           f"Machine: {m['cpu']}, {m['cores']} cores, {args.threads} torch threads; torch {m['torch']}; "
           f"{m['date']}  ",
           f"INR {inr.hidden}x{inr.layers} ({inr.precision}), K = {args.samples} samples, batch {args.batch}; "
-          f"sample() times are the median of {args.repeats} warm calls (resnet18: one).", "",
+          f"sample() times are the median of {args.repeats} warm calls (resnet18: one); step times and the "
+          f"ratio are medians over {args.rounds} interleaved rounds of {args.steps} morph steps; mean step: "
+          "including first visits of width maps.", "",
           "| model | params | INR params | rows (full) | " + " | ".join(f"sample({w:g}) s" for w in widths)
-          + " | plain step ms | morph step ms | ratio |",
-          "| --- " * (7 + len(widths)) + "|"]
+          + " | plain step ms | morph step ms | ratio | mean morph step ms |",
+          "| --- " * (8 + len(widths)) + "|"]
     for r in rows:
-        step = (f"{1e3 * r['plain_step_s']:.1f} | {1e3 * r['morph_step_s']:.1f} | {r['step_ratio']:.2f}x"
-                if "plain_step_s" in r else "- | - | -")
+        step = (f"{1e3 * r['plain_step_s']:.1f} | {1e3 * r['morph_step_s']:.1f} | {r['step_ratio']:.2f}x | "
+                f"{1e3 * r['morph_mean_step_s']:.1f}" if "plain_step_s" in r else "- | - | - | -")
         md.append(f"| {r['model']} | {r['params']:,} | {r['inr_params']:,} | {r['rows_full_width']:,} | "
                   + " | ".join(f"{r[f'sample_{w:g}_s']:.2f}" for w in widths) + f" | {step} |")
+    spread = [r["model"] + " " + ", ".join(f"{x['step_ratio']:.2f}x" for x in r["rounds"])
+              for r in rows if "rounds" in r]
+    if spread:
+        md += ["", "Step ratio of each round: " + "; ".join(spread) + "."]
     write(args.name, result, "\n".join(md) + "\n")
 
 

@@ -18,10 +18,11 @@ from morphkit.errors import ConfigError
 
 __all__ = ["INRConfig", "TrainConfig", "SmoothConfig", "MorphConfig", "CONFIG_VERSION"]
 
-CONFIG_VERSION = 2
-# Fields added after version 1 whose defaults changed behaviour: a version-1 dict (a manifold file
-# written before config version 2) gets the values it was trained with, not today's defaults.
-_V1_INR = {"resample": "bilinear", "train_base": False}
+CONFIG_VERSION = 3
+# Fields added later whose defaults changed behaviour: an older dict (a manifold file written
+# before that version) gets the values it was trained with, not today's defaults.
+_V1_INR = {"resample": "bilinear", "train_base": False}  # added in version 2
+_V2_INR = {"factor_rank": 0}  # added in version 3
 
 #: Sanity bounds: larger values are typos (a 16384-wide INR already has 268 M weights per layer).
 MAX_HIDDEN = 16384
@@ -72,6 +73,16 @@ class INRConfig:
             is a smooth function of the coordinates and cannot make the per-weight
             corrections a narrower network needs; trainable grids can (LeNet-5,
             600 steps at 50% compression only: 97.8% fixed, 98.8% trained).
+        factor_rank: Rank of the MLP's correction to a plain matrix (a 2-D
+            tensor whose two dims are resizable channels, one value each, such as
+            a hidden ``nn.Linear``'s weight; not 1x1 convs, not a linear layer
+            reading a flattened map). The MLP then embeds each out channel
+            and each in channel once (``C_out + C_in`` queries instead of
+            ``C_out * C_in``) and the correction is the inner product of the two
+            embeddings; the trainable base grid still holds every weight. 0
+            predicts every weight of such a matrix separately (versions 1-2).
+            Used with ``resample="area"`` or ``residual=False``; ignored by
+            ``"bilinear"``, whose base is read at each weight's own coordinates.
         precision: ``"float32"`` or ``"bfloat16"``: the MLP's matrix products
             (trunk and heads) run under bfloat16 autocast, with the residual base
             and the outputs in float32. Matrix products are many times faster on
@@ -88,6 +99,7 @@ class INRConfig:
     base_noise: bool = True
     resample: str = "area"
     train_base: bool = True
+    factor_rank: int = 16
     precision: str = "float32"
 
     def __post_init__(self) -> None:
@@ -98,6 +110,8 @@ class INRConfig:
         _check(isinstance(self.residual, bool), "inr.residual", self.residual, "true or false")
         _check(isinstance(self.base_noise, bool), "inr.base_noise", self.base_noise, "true or false")
         _check(isinstance(self.train_base, bool), "inr.train_base", self.train_base, "true or false")
+        _check(_is_int(self.factor_rank, 0, MAX_HIDDEN), "inr.factor_rank", self.factor_rank,
+               f"an int in [0, {MAX_HIDDEN}] (0: no factorisation)")
         _check(self.resample in ("bilinear", "area"), "inr.resample", self.resample, '"bilinear" or "area"')
         _check(self.precision in ("float32", "bfloat16"), "inr.precision", self.precision,
                '"float32" or "bfloat16"')
@@ -119,8 +133,9 @@ class TrainConfig:
         per_clique: Draw an independent compression per clique instead of one global one.
         noise: Coordinate noise half-width ``a`` in channel units (U(-a, a)).
         l1: Weight of the magnitude-weighted reconstruction loss (full width).
-        recon_fraction: Fraction of full-width rows reconstructed per step (a
-            fresh random subset each step; 1 = all rows).
+        recon_fraction: Fraction of the predicted tensors reconstructed per
+            step at full width (a fresh random subset each step, every row of
+            each; at least one; 1 = all tensors).
         l2: Weight of the L2 penalty on predicted weights.
         distill: Weight of distillation from the base model's outputs (0 = off).
         ema: EMA decay of the INR weights (0 = off).
@@ -251,8 +266,8 @@ class MorphConfig:
         if not _is_int(version, 1) or version > CONFIG_VERSION:
             raise ConfigError(f"config version {version!r} is not supported (this morphkit reads "
                               f"versions 1..{CONFIG_VERSION}); upgrade morphkit")
-        if version < 2 and isinstance(d.get("inr", {}), dict):
-            d["inr"] = {**_V1_INR, **d.get("inr", {})}
+        if version < 3 and isinstance(d.get("inr", {}), dict):
+            d["inr"] = {**(_V1_INR if version < 2 else {}), **_V2_INR, **d.get("inr", {})}
         subs = {"inr": INRConfig, "train": TrainConfig, "smooth": SmoothConfig}
         kwargs: dict[str, Any] = {}
         top = {f.name for f in fields(cls)}

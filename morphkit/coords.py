@@ -12,7 +12,10 @@ in)`` with six normalised coordinates
 where ``out = (o + 0.5) / C_out`` (cell centres, so grids of different sizes
 interleave), ``out_width = C_out / size_out`` is the clique's current width,
 ``layer`` is the module's depth and ``role`` the tensor's place in its module
-(weight, bias, ...). Tables are built with tensor ops and cached per width map.
+(weight, bias, ...). A *factored* layout (a plain matrix whose INR correction
+is low-rank, see :class:`~morphkit.inr.INR`) has instead one row per out
+channel (``in`` held at 0.5) followed by one per in channel (``out`` at 0.5).
+Tables are built with tensor ops and cached per width map.
 ``assemble`` turns predicted rows back into tensors of the resized shapes;
 ``to_rows`` does the reverse for reconstruction targets.
 """
@@ -213,13 +216,15 @@ class CoordTable:
     """Coordinates of every predicted row at one width map.
 
     Attributes:
-        coords: ``(R, 6)`` float32 coordinates (see module doc).
+        coords: ``(R, 6)`` float32 coordinates (see module doc); a factored
+            layout's segment holds ``C_out + C_in`` queries, not ``C_out * C_in`` rows.
         noise: ``(R, 2)`` channel spacing of the out/in columns (``1 / C``), 0
             where the dim is fixed: coordinate noise ``U(-a, a) * noise``.
         segments: Per layout, ``(start, end)`` of its rows.
         plans: Per layout, the :class:`DimPlan` of each row dim.
         fan_in: Per layout, the fan-in factor ``size_in / C_in`` (1 without a fan-in dim).
         cells: Per layout, ``(C_out, C_in)`` of its rows (1 for a missing out or in dim).
+        factored: Per layout, whether its segment holds out/in queries (see module doc).
     """
 
     coords: torch.Tensor
@@ -228,6 +233,7 @@ class CoordTable:
     plans: list[list[DimPlan]]
     fan_in: list[float]
     cells: list[tuple[int, int]]
+    factored: list[bool]
 
     @property
     def rows(self) -> int:
@@ -241,10 +247,16 @@ class CoordBuilder:
         layouts: Predicted tensors (from :func:`plan_layouts`).
         cliques: All cliques of the model.
         cache_size: Width maps kept in the cache (least recently used dropped).
+        factored: Per layout, whether the INR predicts it factored (out and in
+            queries instead of one row per weight; default none).
     """
 
-    def __init__(self, layouts: list[TensorLayout], cliques: list[Clique], cache_size: int = 256) -> None:
+    def __init__(self, layouts: list[TensorLayout], cliques: list[Clique], cache_size: int = 256,
+                 factored: list[bool] | None = None) -> None:
         self.layouts = layouts
+        self.factored = list(factored) if factored is not None else [False] * len(layouts)
+        assert len(self.factored) == len(layouts)
+        assert all(len(lt.rows) == 2 for lt, f in zip(layouts, self.factored) if f), "factored needs out and in"
         self.cliques = {c.id: c for c in cliques}
         self.n_layers = max((lt.layer for lt in layouts), default=0) + 1
         self.n_roles = max((lt.role for lt in layouts), default=0) + 1
@@ -280,16 +292,24 @@ class CoordBuilder:
             cells.append((c_out, c_in))
             o = (torch.arange(c_out, dtype=torch.float32) + 0.5) / c_out  # (C_out,)
             i = (torch.arange(c_in, dtype=torch.float32) + 0.5) / c_in  # (C_in,)
-            oo, ii = torch.meshgrid(o, i, indexing="ij")  # (C_out, C_in) each
-            n = c_out * c_in
+            ns_out, ns_in = (1.0 / c if r is not None and r.resizable else 0.0 for c, r in zip(counts_oi, specs))
+            if self.factored[len(blocks)]:  # out queries (in at 0.5), then in queries (out at 0.5)
+                half = torch.full((c_out + c_in,), 0.5)
+                oo = torch.cat([o, half[c_out:]])  # (C_out + C_in,)
+                ii = torch.cat([half[:c_out], i])  # (C_out + C_in,)
+                noise = torch.cat([torch.tensor([[ns_out, 0.0]]).expand(c_out, 2),
+                                   torch.tensor([[0.0, ns_in]]).expand(c_in, 2)])  # (C_out + C_in, 2)
+            else:
+                oo, ii = torch.meshgrid(o, i, indexing="ij")  # (C_out, C_in) each
+                noise = torch.tensor([ns_out, ns_in], dtype=torch.float32).expand(c_out * c_in, 2)
+            n = oo.numel()
             w_out, w_in = (c / r.size if r is not None else 1.0 for c, r in zip(counts_oi, specs))
             layer = lt.layer / max(1, self.n_layers - 1)
             role = lt.role / max(1, self.n_roles - 1)
             const = torch.tensor([layer, w_out, w_in, role], dtype=torch.float32).expand(n, 4)
             block = torch.cat([const[:, :1], oo.reshape(n, 1), ii.reshape(n, 1), const[:, 1:]], 1)  # (n, 6)
-            ns_out, ns_in = (1.0 / c if r is not None and r.resizable else 0.0 for c, r in zip(counts_oi, specs))
             blocks.append(block)
-            noises.append(torch.tensor([ns_out, ns_in], dtype=torch.float32).expand(n, 2))
+            noises.append(noise)
             segments.append((start, start + n))
             start += n
             plans.append(dplans)
@@ -297,7 +317,7 @@ class CoordBuilder:
             fan.append(fi.size / counts.get(fi.clique, fi.size) if fi is not None else 1.0)
         coords = torch.cat(blocks) if blocks else torch.zeros(0, 6)
         noise = torch.cat(noises) if noises else torch.zeros(0, 2)
-        return CoordTable(coords.contiguous(), noise.contiguous(), segments, plans, fan, cells)
+        return CoordTable(coords.contiguous(), noise.contiguous(), segments, plans, fan, cells, list(self.factored))
 
     def grid(self, k: int, tensor: torch.Tensor) -> torch.Tensor:
         """A base tensor as its ``(C_out, C_in, trailing)`` grid (the INR's residual base)."""

@@ -20,6 +20,15 @@ are parameters trained with the MLP: the MLP is a smooth function of the
 coordinates and makes smooth corrections, the grids the per-weight ones.
 ``residual=False`` is the paper's pure INR.
 
+A *factored* tensor (rank ``r > 0``: a linear layer's weight) has no row
+per ``(out, in)`` pair: its rows are one query per out channel and one per
+in channel (the other channel column held at 0.5), its head emits
+``r + r * T`` values per query, and the correction at ``(o, i)`` is
+``sum_j a_j(o) * b_j(i) / sqrt(r)`` with ``a(o)`` out-query ``o``'s first
+``r`` values and ``b(i)`` in-query ``i``'s last ``r * T`` as ``(r, T)``. A
+hidden ``Linear(120, 84)`` is then 204 queries, not 10,080 rows; the base
+grid still holds every weight.
+
 The trunk runs once over all rows of a coordinate table; each head runs on its
 tensor's contiguous slice of rows, so the only Python loop is over tensors,
 never over rows. The caller multiplies the output by the fan-in factor.
@@ -121,6 +130,8 @@ class INR(nn.Module):
             :meth:`area_base`).
         train_base: Make the base grids trainable parameters (else buffers).
         bf16: Run the MLP's matrix products under bfloat16 autocast (outputs float32).
+        ranks: Per tensor, the rank of its factored correction (0: one row per
+            ``(out, in)`` pair; ``r > 0`` needs no bilinear base).
 
     Example:
         >>> inr = INR([25, 1], hidden=32, layers=2, n_freqs=4)
@@ -132,15 +143,21 @@ class INR(nn.Module):
     def __init__(self, head_sizes: list[int], hidden: int = 256, layers: int = 5, n_freqs: int = 16,
                  scales: list[float] | None = None,
                  grid_shapes: list[tuple[int, int, int]] | None = None, base_noise: bool = True,
-                 resample: str = "bilinear", train_base: bool = False, bf16: bool = False) -> None:
+                 resample: str = "bilinear", train_base: bool = False, bf16: bool = False,
+                 ranks: list[int] | None = None) -> None:
         super().__init__()
+        self.ranks = list(ranks) if ranks is not None else [0] * len(head_sizes)
+        assert len(self.ranks) == len(head_sizes)
+        self.trailing = list(head_sizes)
+        assert all(r == 0 or grid_shapes is None or resample == "area" for r in self.ranks), \
+            "factored heads need no bilinear base"
         self.base_noise = base_noise
         self.resample = resample
         self.bf16 = bf16
         self.n_freqs = n_freqs
         self.inp = nn.Linear(N_COORDS * (2 * n_freqs + 1), hidden)
         self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers - 1))
-        self.heads = nn.ModuleList(nn.Linear(hidden, s) for s in head_sizes)
+        self.heads = nn.ModuleList(nn.Linear(hidden, r + r * s if r else s) for s, r in zip(head_sizes, self.ranks))
         self.register_buffer("scales", torch.tensor(scales if scales is not None else [1.0] * len(head_sizes),
                                                     dtype=torch.float32))
         self.residual = grid_shapes is not None
@@ -150,9 +167,11 @@ class INR(nn.Module):
                     self.register_parameter(f"grid{k}", nn.Parameter(torch.zeros(shape)))
                 else:
                     self.register_buffer(f"grid{k}", torch.zeros(shape))
-            for head in self.heads:  # residual form: start exactly at the base weights
+            for head, r in zip(self.heads, self.ranks):  # residual form: start exactly at the base weights
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
+                if r:  # out embeddings random, in embeddings zero: the product starts at 0 with gradients
+                    nn.init.normal_(head.weight[:r], std=1 / hidden**0.5)
         else:
             for head in self.heads:
                 nn.init.normal_(head.weight, std=0.5 / hidden**0.5)
@@ -214,17 +233,37 @@ class INR(nn.Module):
         return grid.reshape(c_out * c_in, t)
 
     def head(self, k: int, h: torch.Tensor, coords: torch.Tensor,
-             clean: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+             clean: torch.Tensor | None = None, base: torch.Tensor | None = None,
+             cells: tuple[int, int] | None = None, sum_draws: bool = False) -> torch.Tensor:
         """Tensor ``k``'s rows from hidden features ``(..., R, hidden)`` and coords ``(..., R, 6)``.
 
         ``clean`` (same shape as ``coords``) are the coordinates before noise:
         the residual base is looked up there unless ``base_noise`` is set.
-        ``base`` (``(R, T)``, broadcast over leading dims) is the residual base
-        of these rows, required with ``resample="area"`` (see :meth:`area_base`).
+        ``base`` (``(C_out * C_in, T)``, broadcast over leading dims) is the
+        residual base of these rows, required with ``resample="area"`` (see
+        :meth:`area_base`). ``cells`` (``(C_out, C_in)``) is required for a
+        factored tensor, whose ``R = C_out + C_in`` rows are queries and whose
+        output has ``C_out * C_in`` rows. ``sum_draws``: ``h`` is
+        ``(D, R, hidden)``, D noisy draws, and the output is their sum
+        (``(rows, T)``; a factored product then never holds D matrices).
         """
+        r = self.ranks[k]
+        draws = h.shape[0] if sum_draws else 1
         with self._autocast(h.device):
-            out = self.heads[k](h)  # (..., R, T)
-        out = out.float() * self.scales[k]
+            out = self.heads[k](h)  # (..., R, T), factored: (..., C_out + C_in, r + r * T)
+            if r:
+                assert cells is not None and cells[0] + cells[1] == h.shape[-2], "factored head needs its cells"
+                c_out, c_in = cells
+                t = self.trailing[k]
+                a = out[..., :c_out, :r]  # (..., C_out, r)
+                b = out[..., c_out:, r:].unflatten(-1, (r, t))  # (..., C_in, r, T)
+                # sum_draws: one contraction sums the draws too, never holding D products
+                out = torch.einsum("dor,dirt->oit" if sum_draws else "...or,...irt->...oit", a, b) * r**-0.5
+                out = out.reshape(*out.shape[:-3], c_out * c_in, t)  # (..., C_out * C_in, T)
+        out = out.float()
+        if sum_draws and not r:
+            out = out.sum(0)  # (R, T)
+        out = out * self.scales[k]
         if self.residual:
             if base is None:
                 assert self.resample == "bilinear", "resample='area' needs the base rows from area_base()"
@@ -232,12 +271,16 @@ class INR(nn.Module):
                 at = coords if self.base_noise or clean is None else clean
                 flat = at.reshape(-1, at.shape[-1])
                 base = bilinear_rows(grid, flat[:, 1], flat[:, 2]).reshape(*at.shape[:-1], -1)
+                base = base.sum(0) if sum_draws else base
+            elif sum_draws:
+                base = base * draws
             out = out + base
         return out
 
     def forward(self, coords: torch.Tensor, segments: list[tuple[int, int]],
                 which: list[int] | None = None, clean: torch.Tensor | None = None,
-                bases: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                bases: list[torch.Tensor] | None = None,
+                cells: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
         """Predict the rows of each tensor.
 
         Args:
@@ -247,6 +290,7 @@ class INR(nn.Module):
             which: Head index of each segment (default: ``range(len(segments))``).
             clean: ``coords`` before noise (where the residual base is read; see :meth:`head`).
             bases: Per segment, the residual base rows (``resample="area"``).
+            cells: Per segment, ``(C_out, C_in)`` (required for factored tensors).
 
         Returns:
             One ``(rows, trailing)`` tensor per segment (before the fan-in factor).
@@ -254,5 +298,5 @@ class INR(nn.Module):
         h = self.trunk(coords)
         which = list(range(len(segments))) if which is None else which
         return [self.head(k, h[s:e], coords[s:e], None if clean is None else clean[s:e],
-                          None if bases is None else bases[j])
+                          None if bases is None else bases[j], None if cells is None else cells[j])
                 for j, (k, (s, e)) in enumerate(zip(which, segments))]

@@ -28,7 +28,7 @@ from morphkit.errors import CheckpointError, ConfigError, MorphkitError
 from morphkit.formats import MANIFOLD_FORMAT, format_tag
 from morphkit.inr import INR
 
-__all__ = ["Manifold", "predict_tensors", "as_inputs", "build_inr", "recalibrate_bn"]
+__all__ = ["Manifold", "predict_tensors", "as_inputs", "build_inr", "factor_ranks", "recalibrate_bn"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +44,32 @@ def as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     raise ConfigError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
+def factor_ranks(layouts: list[TensorLayout], config: MorphConfig) -> list[int]:
+    """Per layout, the rank of its factored INR correction (0: one row per weight).
+
+    Linear layers' weights (2-D tensors whose two dims are resizable channels,
+    one value per channel pair) get ``config.inr.factor_rank`` unless the
+    base is bilinear-resampled (read at each weight's own coordinates, which
+    factored queries do not have). 1x1 convolutions are not factored: on
+    ResNet-20 / CIFAR-10 (150 steps, 2 seeds) factoring its two 1x1 shortcut
+    convs cost 2.6 and 7.1 points at 50% compression. Nor is a linear layer
+    reading a flattened map (LeNet-5's ``fc1``: 120 x 16 channels x 25
+    positions): its 1,920 rows are cheap and a factored head emitting
+    ``r * 25`` values per in channel would add 26k parameters for no speed.
+    """
+    ic = config.inr
+    ok = ic.factor_rank > 0 and (ic.resample == "area" or not ic.residual)
+    return [ic.factor_rank if ok and len(lt.shape) == 2 and len(lt.rows) == 2 and lt.trailing == 1 else 0
+            for lt in layouts]
+
+
 def build_inr(layouts: list[TensorLayout], config: MorphConfig) -> INR:
     """An INR shaped for these layouts (grids zero until filled or loaded)."""
     grids = [lt.grid_shape for lt in layouts]
     return INR([lt.trailing for lt in layouts], config.inr.hidden, config.inr.layers, config.inr.n_freqs,
                scales=[lt.scale for lt in layouts], grid_shapes=grids if config.inr.residual else None,
                base_noise=config.inr.base_noise, resample=config.inr.resample, train_base=config.inr.train_base,
-               bf16=config.inr.precision == "bfloat16")
+               bf16=config.inr.precision == "bfloat16", ranks=factor_ranks(layouts, config))
 
 
 def predict_tensors(inr: INR, builder: CoordBuilder, table: CoordTable, *, noise: float = 0.0,
@@ -88,7 +107,7 @@ def predict_tensors(inr: INR, builder: CoordBuilder, table: CoordTable, *, noise
         coords = coords.clone()
         coords[:, 1:3] += noise * u * scale.to(device)
     bases = [inr.area_base(k, *table.cells[k]) for k in which] if inr.residual and inr.resample == "area" else None
-    outs = inr(coords, segs, which, clean=clean, bases=bases)
+    outs = inr(coords, segs, which, clean=clean, bases=bases, cells=[table.cells[k] for k in which])
     return {builder.layouts[k].name: builder.assemble(k, table, out * table.fan_in[k])
             for k, out in zip(which, outs)}
 
@@ -113,7 +132,7 @@ class Manifold:
         self.inr = inr.eval()
         self.cliques = cliques
         self.layouts = layouts
-        self.builder = CoordBuilder(layouts, cliques)
+        self.builder = CoordBuilder(layouts, cliques, factored=[r > 0 for r in inr.ranks])
         self.static = static
         self.base = base.eval()
         self.example_inputs = as_inputs(example_inputs)
@@ -194,7 +213,8 @@ class Manifold:
             coords[:, :, 1:3] += a * u * table.noise
             h = self.inr.trunk(coords.reshape(kc * rows, 6), fixed).reshape(kc, rows, -1)  # (kc, R, hidden)
             for k, (s, e) in enumerate(table.segments):
-                out = self.inr.head(k, h[:, s:e], coords[:, s:e], clean[:, s:e], bases[k]).sum(0)  # (rows_k, T)
+                out = self.inr.head(k, h[:, s:e], coords[:, s:e], clean[:, s:e], bases[k], table.cells[k],
+                                    sum_draws=True)  # (rows_k, T): the sum over the kc draws
                 acc[k] = out if acc[k] is None else acc[k] + out
             done += kc
         return {lt.name: self.builder.assemble(k, table, acc[k] * (table.fan_in[k] / k_draws))

@@ -7,7 +7,7 @@ predicted tensor of every resizable clique. Each step draws a width map
 resized template, predicts its weights from noisy coordinates, runs the batch
 through ``torch.func.functional_call`` and minimises
 
-    task + l1 * magnitude-weighted reconstruction (full width, a random subset of rows)
+    task + l1 * magnitude-weighted reconstruction (full width, a random subset of tensors)
          + l2 * L2 of the predicted weights [+ distill * KL to the base model]
 
 with Adam, cosine decay, gradient clipping and an EMA of the INR, which is
@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -395,7 +396,7 @@ def morph(
         grids = [p for n, p in inr.named_parameters() if n.startswith("grid")]  # train_base: the base grids
         rest = [p for n, p in inr.named_parameters() if not n.startswith("grid")]
         groups = [{"params": rest}] + ([{"params": grids, "lr": tc.lr * tc.base_lr_scale}] if grids else [])
-        opt = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+        opt = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)  # one kernel per op
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
         gen = torch.Generator().manual_seed(tc.seed + rank)
         teacher = base.to(dev) if tc.distill > 0 else None
@@ -441,8 +442,10 @@ def morph(
         t0 = time.perf_counter() - state.train_seconds
         bar = tqdm(range(state.step, steps), desc="morph", disable=not progress or rank != 0,
                    initial=state.step, total=steps)
+        step_times: list[float] = []  # wall time of each step of this call (no evaluation, no checkpoint)
         with _Interrupt(ckpt_path is not None) as interrupt:
             for step in bar:
+                t_step = time.perf_counter()
                 if _any_rank(interrupt.hit, world, dev):
                     state.train_seconds = time.perf_counter() - t0
                     write_checkpoint()
@@ -476,6 +479,7 @@ def morph(
                 opt.step()
                 sched.step()
                 _ema_update(ema, inr, tc.ema, step)
+                step_times.append(time.perf_counter() - t_step)
                 x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
                 state.seen += x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else 1
                 state.step = step + 1
@@ -501,6 +505,7 @@ def morph(
         info: dict[str, Any] = {"steps": steps, "seconds": round(time.perf_counter() - t_start, 1),
                                 "train_seconds": round(train_seconds, 3), "world_size": world,
                                 "images_per_s": round(world * state.seen / max(train_seconds, 1e-9), 1),
+                                "median_step_seconds": round(statistics.median(step_times), 6) if step_times else None,
                                 "history": state.history[-200:], "evals": state.evals}
         if eval_data is not None and rank == 0:
             info["base_metrics"] = evaluate(base, eval_data)
@@ -526,39 +531,38 @@ def _rng_part(loaded: tuple[dict, dict]) -> tuple[dict, dict]:
 
 def _recon_loss(inr: INR, builder: Any, table: Any, targets: list[torch.Tensor], norms: list[torch.Tensor],
                 fraction: float, noise: float, gen: torch.Generator, dev: torch.device) -> torch.Tensor:
-    """Magnitude-weighted reconstruction on a random subset of full-width rows.
+    """Magnitude-weighted reconstruction of a random subset of tensors at full width.
 
-    Per tensor: ``mean(w^2 * (w_hat - w)^2) / mean(w^2)^2`` (dimensionless), averaged over tensors.
+    Per tensor: ``mean(w^2 * (w_hat - w)^2) / mean(w^2)^2`` (dimensionless),
+    averaged over ``max(1, round(fraction * n))`` tensors drawn afresh each
+    step (every row of each): an unbiased estimate of the average over all
+    tensors at a fraction of the per-tensor work, which on small networks is
+    mostly fixed cost per tensor (LeNet-5: 1.1 ms per step instead of 3.6 ms
+    for a quarter of every tensor's rows).
     """
-    rows = table.rows
-    if fraction >= 1:
-        idx = torch.arange(rows)
-    else:
-        idx = torch.nonzero(torch.rand(rows, generator=gen) < fraction).squeeze(1)  # (r,) sorted
-    starts = torch.tensor([s for s, _ in table.segments] + [rows])
-    seg_of = torch.searchsorted(starts, idx, right=True) - 1  # (r,) layout of each row
-    counts = torch.bincount(seg_of, minlength=len(targets)).tolist()
+    n = len(targets)
+    k = max(1, round(fraction * n)) if fraction < 1 else n
+    which = sorted(torch.randperm(n, generator=gen)[:k].tolist()) if k < n else list(range(n))
+    idx = torch.cat([torch.arange(*table.segments[j]) for j in which])  # (r,) rows of the chosen tensors
     clean = table.coords[idx]
     coords = clean.clone()
     if noise > 0:
         coords[:, 1:3] += noise * (torch.rand(idx.shape[0], 2, generator=gen) * 2 - 1) * table.noise[idx]
-    which = [k for k, c in enumerate(counts) if c > 0]
     segs, pos = [], 0
-    for k in which:
-        segs.append((pos, pos + counts[k]))
-        pos += counts[k]
+    for j in which:
+        rows = table.segments[j][1] - table.segments[j][0]
+        segs.append((pos, pos + rows))
+        pos += rows
     bases = None
     if inr.residual and inr.resample == "area":  # full width: area_base is the grid itself
-        bases = [inr.area_base(k, *table.cells[k]).index_select(0, (idx[s:e] - table.segments[k][0]).to(dev))
-                 for k, (s, e) in zip(which, segs)]
-    outs = inr(coords.to(dev), segs, which, clean=clean.to(dev), bases=bases)
+        bases = [inr.area_base(j, *table.cells[j]) for j in which]
+    outs = inr(coords.to(dev), segs, which, clean=clean.to(dev), bases=bases,
+               cells=[table.cells[j] for j in which])
     total = torch.zeros((), device=dev)
-    for k, out, (s, e) in zip(which, outs, segs):
-        local = (idx[s:e] - table.segments[k][0]).to(dev)
-        w = targets[k].index_select(0, local)
-        w_hat = out * table.fan_in[k]
-        total = total + (w.pow(2) * (w_hat - w).pow(2)).mean() / norms[k].pow(2)
-    return total / max(1, len(which))
+    for j, out in zip(which, outs):
+        w = targets[j]
+        total = total + (w.pow(2) * (out * table.fan_in[j] - w).pow(2)).mean() / norms[j].pow(2)
+    return total / len(which)
 
 
 @torch.no_grad()
@@ -567,8 +571,7 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> No
         ema.load_state_dict(model.state_dict())
         return
     d = min(decay, (1 + step) / (10 + step))  # warm-up: early EMA follows the model closely
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - d)  # e + (1-d)(m-e)
 
 
 def _eval_widths(manifold: Manifold, data: Iterable, compressions: tuple[float, ...], samples: int) -> dict:

@@ -59,13 +59,20 @@ def test_unknown_keys_and_versions():
 def test_version_1_configs_keep_the_behaviour_they_were_trained_with():
     old = MorphConfig().to_dict()
     old["version"] = 1
-    for key in ("resample", "train_base"):  # fields version 1 did not have
+    for key in ("resample", "train_base", "factor_rank"):  # fields version 1 did not have
         del old["inr"][key]
     cfg = MorphConfig.from_dict(old)
-    assert cfg.inr.resample == "bilinear" and cfg.inr.train_base is False
+    assert cfg.inr.resample == "bilinear" and cfg.inr.train_base is False and cfg.inr.factor_rank == 0
     assert MorphConfig.from_dict({"version": 1}).inr.resample == "bilinear"
+    v2 = MorphConfig().to_dict()
+    v2["version"] = 2
+    del v2["inr"]["factor_rank"]  # added in version 3
+    cfg = MorphConfig.from_dict(v2)
+    assert cfg.inr.factor_rank == 0 and cfg.inr.resample == "area" and cfg.inr.train_base is True
     now = MorphConfig.from_dict({"train": {"epochs": 2}})  # a user's partial config: today's defaults
-    assert now.inr.resample == "area" and now.inr.train_base is True
+    assert now.inr.resample == "area" and now.inr.train_base is True and now.inr.factor_rank == 16
+    with pytest.raises(ConfigError, match="inr.factor_rank"):
+        INRConfig(factor_rank=-1)
 
 
 def test_config_error_is_value_error():

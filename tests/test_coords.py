@@ -107,7 +107,7 @@ def test_residual_inr_starts_at_the_base(any_plan):
     from morphkit.manifold import build_inr, predict_tensors
 
     inr = build_inr(layouts, mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2)))
-    b = CoordBuilder(layouts, cliques)
+    b = CoordBuilder(layouts, cliques, factored=[r > 0 for r in inr.ranks])
     inr.set_grids([b.grid(k, state[lt.name]) for k, lt in enumerate(layouts)])
     pred = predict_tensors(inr, b, b.table(b.full()))
     for lt in layouts:
@@ -136,9 +136,9 @@ def test_base_noise_option_decides_where_the_residual_base_is_read(lenet_plan, b
 
 def test_bfloat16_precision_keeps_the_base_exact_and_the_correction_close(lenet_plan):
     m, cliques, state, layouts, _ = lenet_plan
-    from morphkit.manifold import build_inr, predict_tensors
+    from morphkit.manifold import build_inr, factor_ranks, predict_tensors
 
-    b = CoordBuilder(layouts, cliques)
+    b = CoordBuilder(layouts, cliques, factored=[r > 0 for r in factor_ranks(layouts, mk.MorphConfig())])
     table = b.table(width_map(cliques, 0.6))
     preds = []
     for precision in ("float32", "bfloat16"):
@@ -183,7 +183,7 @@ def _area_inr(lenet_plan, **kw):
     from morphkit.manifold import build_inr
 
     inr = build_inr(layouts, mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2, resample="area", **kw)))
-    b = CoordBuilder(layouts, cliques)
+    b = CoordBuilder(layouts, cliques, factored=[r > 0 for r in inr.ranks])
     inr.set_grids([b.grid(k, state[lt.name]) for k, lt in enumerate(layouts)])
     return inr, b, state
 
@@ -215,3 +215,84 @@ def test_area_base_gets_gradients_only_when_trainable(lenet_plan):
         sum(t.pow(2).sum() for t in pred.values()).backward()
         assert isinstance(inr.grid0, torch.nn.Parameter) is trainable
         assert bool(inr.grid0.grad is not None and inr.grid0.grad.abs().sum() > 0) is trainable
+
+
+def test_plain_matrices_are_factored_into_out_and_in_queries(lenet_plan):
+    m, cliques, state, layouts, _ = lenet_plan
+    from morphkit.manifold import factor_ranks
+
+    ranks = factor_ranks(layouts, mk.MorphConfig())
+    assert {lt.name for lt, r in zip(layouts, ranks) if r} == {"fc2.weight"}  # fc1 reads a flattened map
+    assert factor_ranks(layouts, mk.MorphConfig(inr=mk.INRConfig(resample="bilinear"))) == [0] * len(layouts)
+    assert factor_ranks(layouts, mk.MorphConfig(inr=mk.INRConfig(factor_rank=0))) == [0] * len(layouts)
+    b = CoordBuilder(layouts, cliques, factored=[r > 0 for r in ranks])
+    counts = width_map(cliques, 0.5)
+    table = b.table(counts)
+    k = [lt.name for lt in layouts].index("fc2.weight")
+    c_out, c_in = table.cells[k]
+    assert (c_out, c_in) == (42, 60)
+    s, e = table.segments[k]
+    assert e - s == c_out + c_in  # 102 queries, not 2520 rows
+    q = table.coords[s:e]
+    assert torch.allclose(q[:c_out, 1], (torch.arange(c_out) + 0.5) / c_out) and bool((q[:c_out, 2] == 0.5).all())
+    assert torch.allclose(q[c_out:, 2], (torch.arange(c_in) + 0.5) / c_in) and bool((q[c_out:, 1] == 0.5).all())
+    noise = table.noise[s:e]  # out queries move only their out column, in queries only their in column
+    assert torch.allclose(noise[:c_out], torch.tensor([1 / c_out, 0.0]).expand(c_out, 2))
+    assert torch.allclose(noise[c_out:], torch.tensor([0.0, 1 / c_in]).expand(c_in, 2))
+    assert table.factored[k] and sum(table.factored) == 1
+
+
+def test_factored_head_is_a_scaled_low_rank_product_on_the_base():
+    inr = INR([1], hidden=8, layers=2, n_freqs=2, scales=[0.5], grid_shapes=[(3, 4, 1)], resample="area",
+              ranks=[2])
+    torch.nn.init.normal_(inr.heads[0].weight)
+    torch.nn.init.normal_(inr.heads[0].bias)
+    base = torch.randn(12, 1)
+    coords = torch.rand(7, 6)  # 3 out queries, 4 in queries
+    out = inr.head(0, inr.trunk(coords), coords, base=base, cells=(3, 4))
+    z = inr.heads[0](inr.trunk(coords))  # (7, 4)
+    want = (z[:3, :2] @ z[3:, 2:].T) / 2**0.5 * 0.5  # (3, 4)
+    assert out.shape == (12, 1) and torch.allclose(out, want.reshape(12, 1) + base, atol=1e-6)
+    # summing draws inside the head equals summing the per-draw outputs
+    draws = torch.rand(5, 7, 6)
+    h = inr.trunk(draws.reshape(35, 6)).reshape(5, 7, -1)
+    each = inr.head(0, h, draws, base=base, cells=(3, 4))  # (5, 12, 1)
+    assert torch.allclose(inr.head(0, h, draws, base=base, cells=(3, 4), sum_draws=True), each.sum(0), atol=1e-5)
+    wide = INR([5], hidden=8, layers=2, n_freqs=2, grid_shapes=[(3, 4, 5)], resample="area", ranks=[2])
+    torch.nn.init.normal_(wide.heads[0].weight)  # trailing 5: in queries emit (r, T)
+    z = wide.heads[0](wide.trunk(coords))  # (7, 2 + 2 * 5)
+    want = torch.einsum("or,irt->oit", z[:3, :2], z[3:, 2:].reshape(4, 2, 5)) / 2**0.5  # (3, 4, 5)
+    got = wide.head(0, wide.trunk(coords), coords, base=torch.zeros(12, 5), cells=(3, 4))
+    assert got.shape == (12, 5) and torch.allclose(got, want.reshape(12, 5), atol=1e-6)
+    plain = INR([3], hidden=8, layers=2, n_freqs=2, grid_shapes=[(7, 1, 3)], resample="area")
+    torch.nn.init.normal_(plain.heads[0].weight)
+    base3 = torch.randn(7, 3)
+    h = plain.trunk(draws.reshape(35, 6)).reshape(5, 7, -1)
+    assert torch.allclose(plain.head(0, h, draws, base=base3, sum_draws=True),
+                          plain.head(0, h, draws, base=base3).sum(0), atol=1e-5)
+
+
+def test_factored_correction_starts_at_zero_and_trains(lenet_plan):
+    from morphkit.manifold import predict_tensors
+
+    inr, b, state = _area_inr(lenet_plan)
+    k = [lt.name for lt in b.layouts].index("fc2.weight")
+    table = b.table(width_map(b.cliques.values(), 0.5))
+    pred = predict_tensors(inr, b, table, noise=0.4, generator=torch.Generator().manual_seed(0))
+    base = b.assemble(k, table, inr.area_base(k, *table.cells[k]) * table.fan_in[k])
+    assert torch.equal(pred["fc2.weight"], base)  # zero in-embeddings: exactly the merged base
+    pred["fc2.weight"].pow(2).sum().backward()
+    g = inr.heads[k].weight.grad
+    assert g[16:].abs().sum() > 0  # the in half learns first (the out half's gradient is zero while it is)
+
+
+def test_only_2d_matrices_are_factored():
+    from morphkit.coords import DimSpec, TensorLayout
+    from morphkit.manifold import factor_ranks
+
+    rows = (DimSpec(0, 0, None, 1, 8, True), DimSpec(1, 1, None, 1, 4, True))
+    linear = TensorLayout("fc.weight", (8, 4), rows, 0, 0, 1.0)
+    conv1x1 = TensorLayout("down.weight", (8, 4, 1, 1), rows, 1, 0, 1.0)
+    assert linear.trailing == conv1x1.trailing == 1
+    assert factor_ranks([linear, conv1x1], mk.MorphConfig()) == [16, 0]
+    assert factor_ranks([linear], mk.MorphConfig(inr=mk.INRConfig(residual=False))) == [16]  # pure INR too

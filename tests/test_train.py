@@ -151,3 +151,47 @@ def test_inr_options_train_save_and_load(inr_kw, tmp_path):
     a, b = m.predict(0.5, seed=1), back.predict(0.5, seed=1)
     for k in a:  # (base_noise=False can differ in the last bit: summation order of the K draws)
         assert a[k].dtype == torch.float32 and torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-9), k
+
+
+def test_ema_update_is_the_decayed_average_with_warm_up():
+    from morphkit.train import _ema_update
+
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    _ema_update(ema, model, 0.995, step=10_000)
+    for e, b, m in zip(ema.parameters(), before, model.parameters()):
+        assert torch.allclose(e, 0.995 * b + 0.005 * m, atol=1e-7)
+    _ema_update(ema, model, 0.995, step=0)  # warm-up: decay min(0.995, 1/10)
+    _ema_update(ema, model, 0.0, step=5)  # no EMA: a copy
+    assert all(torch.equal(e, m) for e, m in zip(ema.parameters(), model.parameters()))
+
+
+def test_reconstruction_is_zero_at_the_base_and_unbiased_over_tensor_subsets():
+    from morphkit.train import _recon_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 28, 28)
+    man = mk.morph(mk.build_model("lenet5"), [(x, torch.randint(0, 10, (8,)))], example_inputs=x[:1],
+                   config=mk.MorphConfig(train=mk.TrainConfig(steps=1, lr=1e-12)), progress=False)
+    inr, b = man.inr, man.builder
+    table = b.table(b.full())
+    state = man.base.state_dict()
+    targets = [b.to_rows(k, table, state[lt.name].float()) for k, lt in enumerate(b.layouts)]
+    norms = [t.pow(2).mean() for t in targets]
+    gen = torch.Generator().manual_seed(0)
+
+    def loss(fraction: float) -> float:
+        with torch.no_grad():
+            return float(_recon_loss(inr, b, table, targets, norms, fraction, 0.0, gen, torch.device("cpu")))
+
+    assert loss(1.0) < 1e-8 and loss(0.25) < 1e-8  # the residual INR starts at the base
+    j = [lt.name for lt in b.layouts].index("conv2.weight")
+    with torch.no_grad():
+        getattr(inr, f"grid{j}").add_(0.5 * b.layouts[j].scale)  # only conv2's weights are off
+    full = loss(1.0)
+    assert full > 0
+    one = 1 / len(targets)  # one tensor per draw: nonzero only when conv2 is drawn
+    draws = [loss(one) for _ in range(400)]
+    assert 0 < sum(d > 0 for d in draws) < 400
+    assert abs(sum(draws) / len(draws) - full) < 0.25 * full  # the average over draws estimates the full loss
