@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -60,10 +61,15 @@ def reused_baselines(path: str, expect: dict[str, Any | Callable[[Any], bool]]) 
     has (or to a predicate on the earlier value); any difference stops the run.
 
     Returns:
-        ``(meta of the earlier result, its non-NeuMeta rows)``.
+        ``(meta of the earlier result, its non-NeuMeta rows)``; the meta's
+        ``baselines_measured`` names the run that measured the rows (the earlier
+        result's own, or the one it reused them from in turn).
     """
     old = json.loads(Path(path).read_text())
-    meta = old["meta"]
+    meta = dict(old["meta"])
+    if "baselines_measured" not in meta:  # files written before the key: "... (measured MACHINE)"
+        chained = re.search(r"\(measured (.*)\)$", meta.get("baselines", ""))
+        meta["baselines_measured"] = chained.group(1) if chained else meta["machine"]
     diff = []
     for key, want in expect.items():
         got = meta.get(key)

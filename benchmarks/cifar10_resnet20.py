@@ -160,7 +160,7 @@ def main() -> None:
                                                  for lab in dict.fromkeys(r["label"] for r in rows))}
     if reused is not None:
         meta["baselines"] = (f"every row but NeuMeta's reused from {args.baselines_from} "
-                             f"(measured {reused['meta']['machine']})")
+                             f"(measured {reused['meta']['baselines_measured']})")
     paths = write_report(rows, RESULTS, title=f"{args.name}: ResNet-20 / CIFAR-10, NeuMeta vs baselines",
                          meta=meta, stem=args.name, plot=args.name)
     with open(paths["md"], "a") as f:

@@ -101,7 +101,8 @@ def main() -> None:
             "individual / slimmable epochs": args.train_epochs or "recipe (10)",
             "wall times (s)": ", ".join(f"{k} {v:.0f}" for k, v in times.items())}
     if reused is not None:
-        meta["baselines"] = f"every row but NeuMeta's reused from {args.baselines_from} (measured {reused['machine']})"
+        meta["baselines"] = (f"every row but NeuMeta's reused from {args.baselines_from} "
+                             f"(measured {reused['baselines_measured']})")
     write_report(rows, RESULTS, title=f"{args.name}: LeNet-5 / MNIST, NeuMeta vs baselines", meta=meta,
                  stem=args.name, plot=args.name)
     print((RESULTS / f"{args.name}.md").read_text())
