@@ -4,11 +4,12 @@ Trains (or loads) the base LeNet-5, morphs every resizable clique, and evaluates
 the sampled models at compression 0 ... 87.5% (75% and above never trained),
 with training wall time, the INR's size and the sample/export time, K = 50
 against K = 1 sampling, and short-schedule ablations (no smoothing, no
-coordinate noise, fixed base grids, the version-1 fixed bilinear base).
+coordinate noise, base jitter toggled, fixed base grids, the version-1 fixed bilinear base).
 Writes ``benchmarks/results/mnist_lenet.{json,md}`` and the manifold to
 ``benchmarks/results/manifolds/``.
 
     python benchmarks/mnist_lenet.py --threads 2      # 24 epochs + ablations, about 5 min on 2 cores
+    python benchmarks/mnist_lenet.py --threads 2 --base-jitter 0.75 --name mnist_lenet_jitter
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=mk.INRConfig().hidden)
     ap.add_argument("--layers", type=int, default=mk.INRConfig().layers)
     ap.add_argument("--noise", type=float, default=mk.TrainConfig().noise)
+    ap.add_argument("--base-jitter", type=float, default=mk.TrainConfig().base_jitter,
+                    help="TrainConfig.base_jitter (cells); 0.75 is the LeNet-5 setting in mnist_lenet_jitter.md")
     ap.add_argument("--samples", type=int, default=50)
     ap.add_argument("--ablation-steps", type=int, default=600, help="steps of each ablation run (0: skip)")
     ap.add_argument("--threads", type=int, default=None)
@@ -56,7 +59,8 @@ def main() -> None:
     base_acc = mk.evaluate(base, test)["accuracy"]
     print(f"base LeNet-5: {100 * base_acc:.2f}%", flush=True)
     cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=args.hidden, layers=args.layers),
-                         train=mk.TrainConfig(epochs=args.epochs, seed=args.seed, noise=args.noise),
+                         train=mk.TrainConfig(epochs=args.epochs, seed=args.seed, noise=args.noise,
+                                              base_jitter=args.base_jitter),
                          samples=args.samples)
     t0 = time.perf_counter()
     manifold = mk.morph(base, train, example_inputs=torch.zeros(1, 1, 28, 28), config=cfg)
@@ -81,6 +85,8 @@ def main() -> None:
         variants = {"reference (short schedule)": cfg,
                     "no smoothing": dataclasses.replace(cfg, smooth=dataclasses.replace(cfg.smooth, enabled=False)),
                     "no coordinate noise": dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, noise=0.0)),
+                    ("no base jitter" if cfg.train.base_jitter else "base jitter 0.75"): dataclasses.replace(
+                        cfg, train=dataclasses.replace(cfg.train, base_jitter=0.0 if cfg.train.base_jitter else 0.75)),
                     "fixed base grids": dataclasses.replace(cfg, inr=dataclasses.replace(cfg.inr, train_base=False)),
                     "fixed bilinear base (previous default)": dataclasses.replace(
                         cfg, inr=dataclasses.replace(cfg.inr, train_base=False, resample="bilinear"))}
@@ -106,7 +112,8 @@ def main() -> None:
           f"Base LeNet-5: **{100 * base_acc:.2f}%**. Manifold: INR {args.hidden}x{args.layers} "
           f"({inr_params:,} trained params: MLP {mlp_params:,}, base grids {inr_params - mlp_params:,}; base "
           f"resampling {cfg.inr.resample!r}), {manifold.info['steps']} steps ({args.epochs} epochs, compression "
-          f"U[0, 0.5], coordinate noise {args.noise}), {morph_seconds / 60:.1f} min; K = {args.samples} samples.",
+          f"U[0, 0.5], coordinate noise {args.noise}, base jitter {cfg.train.base_jitter}), "
+          f"{morph_seconds / 60:.1f} min; K = {args.samples} samples.",
           "",
           f"| compression | accuracy (K = {args.samples}) | accuracy (K = 1) | params | trained? | sample time (s) |",
           "| --- | --- | --- | --- | --- | --- |"]

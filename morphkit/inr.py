@@ -84,12 +84,16 @@ def bilinear_rows(grid: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor) -
     return top * (1 - wo) + bot * wo
 
 
-def area_weights(count: int, size: int) -> torch.Tensor:
+def area_weights(count: int, size: int, jitter: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """``(count, size)`` box-filter weights: cell ``o`` of ``count`` averages the base channels it covers.
 
     Cell ``o`` spans ``[o / count, (o + 1) / count)``, base channel ``n`` spans
     ``[n / size, (n + 1) / size)``; the weight is their overlap over the cell's
     length, so every row sums to 1 and ``count == size`` gives the identity.
+    ``jitter`` (training only) moves each interior cell edge by
+    ``U(-jitter, jitter)`` cells (edges kept in order), so a cell covers a
+    varying share of its neighbours; a row then sums to its cell's length in cells.
 
     Example:
         >>> area_weights(2, 3)
@@ -97,6 +101,10 @@ def area_weights(count: int, size: int) -> torch.Tensor:
                 [0.0000, 0.3333, 0.6667]])
     """
     edges_c = torch.arange(count + 1, dtype=torch.float64) / count  # (count + 1,)
+    if jitter > 0 and count > 1:
+        move = torch.rand(count - 1, generator=generator, dtype=torch.float64) * 2 - 1  # (count - 1,) in U(-1, 1)
+        edges_c[1:-1] += move * jitter / count
+        edges_c = edges_c.clamp(0, 1).sort().values
     edges_s = torch.arange(size + 1, dtype=torch.float64) / size  # (size + 1,)
     lo = torch.maximum(edges_c[:-1, None], edges_s[None, :-1])  # (count, size)
     hi = torch.minimum(edges_c[1:, None], edges_s[None, 1:])  # (count, size)
@@ -218,18 +226,26 @@ class INR(nn.Module):
         per = 2 * self.n_freqs + 1
         return [c * per + j for c in coords for j in range(per)]
 
-    def area_base(self, k: int, c_out: int, c_in: int) -> torch.Tensor:
+    def area_base(self, k: int, c_out: int, c_in: int, jitter: float = 0.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Tensor ``k``'s base averaged over the cells of a ``c_out x c_in`` width: ``(c_out * c_in, T)``.
 
         Rows are in the coordinate table's order (out-major); at the base
-        width this is the grid itself.
+        width this is the grid itself. ``jitter`` (training) merges over
+        jittered cells (:func:`area_weights`), drawn afresh for each call and
+        dim: like coordinate noise, independent from tensor to tensor.
         """
         grid = getattr(self, f"grid{k}")  # (N_out, N_in, T)
         n_out, n_in, t = grid.shape
+
+        def weights(count: int, size: int) -> torch.Tensor:
+            a = area_weights(count, size, jitter, generator) if jitter > 0 else _area_weights(count, size)
+            return a.to(grid.device)
+
         if c_out != n_out:
-            grid = torch.einsum("on,nmt->omt", _area_weights(c_out, n_out).to(grid.device), grid)  # (c_out, N_in, T)
+            grid = torch.einsum("on,nmt->omt", weights(c_out, n_out), grid)  # (c_out, N_in, T)
         if c_in != n_in:
-            grid = torch.einsum("im,omt->oit", _area_weights(c_in, n_in).to(grid.device), grid)  # (c_out, c_in, T)
+            grid = torch.einsum("im,omt->oit", weights(c_in, n_in), grid)  # (c_out, c_in, T)
         return grid.reshape(c_out * c_in, t)
 
     def head(self, k: int, h: torch.Tensor, coords: torch.Tensor,

@@ -73,8 +73,8 @@ def build_inr(layouts: list[TensorLayout], config: MorphConfig) -> INR:
 
 
 def predict_tensors(inr: INR, builder: CoordBuilder, table: CoordTable, *, noise: float = 0.0,
-                    generator: torch.Generator | None = None, which: list[int] | None = None
-                    ) -> dict[str, torch.Tensor]:
+                    generator: torch.Generator | None = None, which: list[int] | None = None,
+                    jitter: float = 0.0) -> dict[str, torch.Tensor]:
     """Predict the tensors of ``which`` layouts (default all) at one width map, one draw.
 
     Args:
@@ -84,6 +84,8 @@ def predict_tensors(inr: INR, builder: CoordBuilder, table: CoordTable, *, noise
         noise: Coordinate noise half-width ``a`` in channel units (0 = clean).
         generator: RNG for the noise.
         which: Layout indices to predict.
+        jitter: Cell-edge jitter of the area-resampled base, in cells (training;
+            see :func:`~morphkit.inr.area_weights`).
 
     Returns:
         ``{state_dict key: tensor}`` at the width map's shapes.
@@ -106,7 +108,9 @@ def predict_tensors(inr: INR, builder: CoordBuilder, table: CoordTable, *, noise
         u = torch.rand(coords.shape[0], 2, generator=generator).to(device) * 2 - 1  # (R, 2) in U(-1, 1)
         coords = coords.clone()
         coords[:, 1:3] += noise * u * scale.to(device)
-    bases = [inr.area_base(k, *table.cells[k]) for k in which] if inr.residual and inr.resample == "area" else None
+    bases = None
+    if inr.residual and inr.resample == "area":
+        bases = [inr.area_base(k, *table.cells[k], jitter=jitter, generator=generator) for k in which]
     outs = inr(coords, segs, which, clean=clean, bases=bases, cells=[table.cells[k] for k in which])
     return {builder.layouts[k].name: builder.assemble(k, table, out * table.fan_in[k])
             for k, out in zip(which, outs)}

@@ -186,7 +186,8 @@ class _Step(nn.Module):
         builder, full_table, targets, norms, loss_fn, cfg, teacher = self._ctx
         tc = cfg.train
         n_pred = len(builder.layouts)
-        pred = predict_tensors(self.inr, builder, table, noise=tc.noise, generator=gen, which=which)
+        pred = predict_tensors(self.inr, builder, table, noise=tc.noise, generator=gen, which=which,
+                               jitter=tc.base_jitter)
         if which is not None:
             with torch.no_grad():
                 chosen = set(which)

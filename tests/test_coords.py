@@ -296,3 +296,31 @@ def test_only_2d_matrices_are_factored():
     assert linear.trailing == conv1x1.trailing == 1
     assert factor_ranks([linear, conv1x1], mk.MorphConfig()) == [16, 0]
     assert factor_ranks([linear], mk.MorphConfig(inr=mk.INRConfig(residual=False))) == [16]  # pure INR too
+
+
+def test_jittered_area_weights_still_cover_every_base_channel_once():
+    g = torch.Generator().manual_seed(0)
+    for count, size in [(3, 6), (5, 16), (30, 120), (2, 3)]:
+        a = area_weights(count, size, jitter=0.75, generator=g)
+        assert a.shape == (count, size) and bool((a >= 0).all())
+        assert torch.allclose(a.sum(0), torch.full((size,), count / size), atol=1e-6)  # each channel once
+        assert torch.allclose(a.sum(), torch.tensor(float(count)), atol=1e-5)  # cells tile [0, 1]
+        assert not torch.allclose(a, area_weights(count, size))  # the edges moved
+    assert torch.equal(area_weights(1, 5, jitter=0.75, generator=g), area_weights(1, 5))  # one cell: no edge to move
+
+
+def test_base_jitter_moves_narrower_merges_only_and_is_seeded(lenet_plan):
+    from morphkit.manifold import predict_tensors
+
+    inr, b, state = _area_inr(lenet_plan)
+    half, full = b.table(width_map(b.cliques.values(), 0.5)), b.table(b.full())
+
+    def pred(table, seed, jitter=0.75):
+        return predict_tensors(inr, b, table, generator=torch.Generator().manual_seed(seed), jitter=jitter)
+
+    exact, one, again, other = pred(half, 0, 0.0), pred(half, 0), pred(half, 0), pred(half, 1)
+    assert all(torch.equal(one[n], again[n]) for n in one)  # the same seed, the same merge
+    assert not torch.equal(one["conv2.weight"], exact["conv2.weight"])
+    assert not torch.equal(one["conv2.weight"], other["conv2.weight"])
+    at_full = pred(full, 0)  # full width: every cell is one channel, nothing to jitter
+    assert all(torch.equal(at_full[lt.name], state[lt.name]) for lt in b.layouts)
