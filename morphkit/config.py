@@ -139,7 +139,7 @@ class TrainConfig:
             below the trained range (merging more channels) stay usable. Sampling
             always uses the exact cells. Off by default: on LeNet-5 / MNIST
             (24 epochs) 0.75 lifts the never-trained 75% compression from 78.3% to
-            96.3% (0% 99.05% instead of 99.26%, 50% the same), but on the
+            96.3% (0% 99.05% instead of 99.26%, 50% 98.58% instead of 98.64%), but on the
             BatchNorm-folded ResNet-20 it wrecked training (150 steps: 32% / 15%
             at 0 / 50% compression against 63% / 44% without).
         l1: Weight of the magnitude-weighted reconstruction loss (full width).
