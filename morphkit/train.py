@@ -196,7 +196,7 @@ class _Step(nn.Module):
         bound = _Bound(template, {**static, **pred})
         task = loss_fn(bound, batch)
         dev = task.device
-        recon = _recon_loss(self.inr, builder, full_table, targets, norms, tc.recon_fraction, tc.noise, gen, dev)
+        recon = _recon_loss(self.inr, full_table, targets, norms, tc.recon_fraction, tc.noise, gen, dev)
         loss = task + tc.l1 * recon + tc.l2 * sum(t.pow(2).sum() for t in pred.values())
         if teacher is not None and isinstance(bound.last_output, torch.Tensor):
             with torch.no_grad():
@@ -530,7 +530,7 @@ def _rng_part(loaded: tuple[dict, dict]) -> tuple[dict, dict]:
     return {k: v for k, v in tensors.items() if k.startswith("rng.")}, meta["rng"]
 
 
-def _recon_loss(inr: INR, builder: Any, table: Any, targets: list[torch.Tensor], norms: list[torch.Tensor],
+def _recon_loss(inr: INR, table: Any, targets: list[torch.Tensor], norms: list[torch.Tensor],
                 fraction: float, noise: float, gen: torch.Generator, dev: torch.device) -> torch.Tensor:
     """Magnitude-weighted reconstruction of a random subset of tensors at full width.
 

@@ -183,7 +183,7 @@ def test_reconstruction_is_zero_at_the_base_and_unbiased_over_tensor_subsets():
 
     def loss(fraction: float) -> float:
         with torch.no_grad():
-            return float(_recon_loss(inr, b, table, targets, norms, fraction, 0.0, gen, torch.device("cpu")))
+            return float(_recon_loss(inr, table, targets, norms, fraction, 0.0, gen, torch.device("cpu")))
 
     assert loss(1.0) < 1e-8 and loss(0.25) < 1e-8  # the residual INR starts at the base
     j = [lt.name for lt in b.layouts].index("conv2.weight")
