@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from morphkit.clique import Clique, width_map
 from morphkit.errors import ConfigError, TrainingError
-from morphkit.fit import to_device
+from morphkit.fit import keeps_global_rng, to_device
 from morphkit.graph import copy_with, keep_positions, member_channels, permute_state
 
 __all__ = [
@@ -253,6 +253,7 @@ def _elementwise(model: nn.Module, method: str, data: Iterable | None, loss_fn: 
     return out
 
 
+@keeps_global_rng
 def channel_scores(model: nn.Module, example_inputs: Any, method: str = "l1", data: Iterable | None = None, *,
                    cliques: Sequence[Clique] | None = None, loss_fn: LossFn | None = None, batches: int = 8,
                    hessian_samples: int = 128, seed: int = 0,
@@ -526,6 +527,7 @@ def _reset(net: nn.Module, only: set[str] | None) -> int:
     return n
 
 
+@keeps_global_rng
 def train_individual(arch_or_model: str | dict | nn.Module, width: float | dict[int, int], data: Iterable, *,
                      epochs: int | None = None, example_inputs: Any = None,
                      cliques: Sequence[Clique] | None = None, eval_data: Iterable | None = None,
@@ -691,6 +693,7 @@ class _Bound:
         return self.train(False)
 
 
+@keeps_global_rng
 def train_slimmable(model: nn.Module, data: Iterable, widths: Sequence[float] = (0.25, 1.0), *,
                     epochs: int | None = None, example_inputs: Any = None,
                     cliques: Sequence[Clique] | None = None, n_random: int = 2, inplace_distill: bool = True,

@@ -9,12 +9,13 @@ caller's model; it is deterministic for a seed on the CPU.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,37 @@ from tqdm.auto import tqdm
 from morphkit.errors import ConfigError, TrainingError
 from morphkit.models import task_of, vae_loss
 
-__all__ = ["fit", "evaluate", "FitHistory", "default_device", "classification_loss", "default_loss", "to_device"]
+__all__ = ["fit", "evaluate", "FitHistory", "default_device", "classification_loss", "default_loss", "to_device",
+           "keeps_global_rng"]
 
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def keeps_global_rng(fn: _F) -> _F:
+    """Run ``fn`` on a fork of torch's global RNG (CPU and every CUDA device): the caller's state is restored.
+
+    Our training entry points seed the global generator for determinism
+    (``torch.manual_seed``: dropout, data augmentation, init); this keeps
+    that from changing the random numbers the caller draws afterwards.
+
+    Example:
+        >>> @keeps_global_rng
+        ... def noisy():
+        ...     torch.manual_seed(0)
+        ...     return torch.rand(1)
+        >>> g = torch.random.get_rng_state(); _ = noisy(); bool((torch.random.get_rng_state() == g).all())
+        True
+    """
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def default_device() -> torch.device:
@@ -70,6 +97,7 @@ def default_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
     return vae_loss if task_of(model) == "vae" else classification_loss(label_smoothing)
 
 
+@keeps_global_rng
 def fit(
     model: nn.Module,
     train_data: Iterable,

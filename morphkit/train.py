@@ -50,7 +50,7 @@ from morphkit.checkpoint import (
 from morphkit.config import MorphConfig
 from morphkit.coords import WidthMap, plan_layouts
 from morphkit.errors import CheckpointError, ConfigError, TrainingError, UnsupportedModelError
-from morphkit.fit import default_loss, evaluate, to_device
+from morphkit.fit import default_loss, evaluate, keeps_global_rng, to_device
 from morphkit.inr import INR
 from morphkit.manifold import Manifold, as_inputs, build_inr, predict_tensors
 from morphkit.models import arch_of
@@ -255,6 +255,7 @@ def _any_rank(flag: bool, world: int, dev: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+@keeps_global_rng
 def morph(
     model: nn.Module,
     train_data: Iterable,

@@ -290,8 +290,10 @@ def test_train_individual_has_resized_structure(lenet):
     assert _same_structure(net, ref) and net.morphkit_widths == ref.morphkit_widths
     # trained from scratch: not the base model's weights
     assert not torch.equal(net.conv1.weight, ref.conv1.weight)
+    state = torch.random.get_rng_state()
     again = train_individual("lenet5", 0.5, data, epochs=1, example_inputs=XL, progress=False)
     assert torch.equal(again.conv1.weight, net.conv1.weight)  # same seed, same oracle
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's global RNG is not moved
 
 
 def test_train_slimmable_shared_weights(resnet):

@@ -211,3 +211,17 @@ def test_base_jitter_trains_deterministically_and_samples_exact_cells():
     assert any(not torch.equal(a[k], plain.inr.state_dict()[k]) for k in a)  # the jitter changed training
     w1, w2 = runs[0].predict(0.5, samples=2), runs[0].predict(0.5, samples=2)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)  # sampling reads exact cells: no jitter there
+
+
+@pytest.mark.parametrize("entry", ["morph", "fit"])
+def test_training_leaves_the_callers_global_rng_alone(entry):
+    # morph() and fit() seed torch's global generator for determinism; the caller's stream must not move
+    model = mk.build_model("mlp?hidden=[24,12]")
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    if entry == "morph":
+        cfg = mk.MorphConfig(inr=CFG.inr, train=mk.TrainConfig(steps=2, eval_compressions=(0.0,), seed=7))
+        mk.morph(model, _data(2), example_inputs=torch.zeros(1, 1, 28, 28), config=cfg, progress=False)
+    else:
+        mk.fit(model, _data(2), epochs=1, seed=7, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
