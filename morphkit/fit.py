@@ -35,11 +35,14 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def keeps_global_rng(fn: _F) -> _F:
-    """Run ``fn`` on a fork of torch's global RNG (CPU and every CUDA device): the caller's state is restored.
+    """Run ``fn`` on a fork of torch's global RNG: the caller's state is restored afterwards.
 
     Our training entry points seed the global generator for determinism
     (``torch.manual_seed``: dropout, data augmentation, init); this keeps
-    that from changing the random numbers the caller draws afterwards.
+    that from changing the random numbers the caller draws afterwards. The
+    CPU generator is always restored, a CUDA one only for the current device
+    and only when CUDA is already initialised (reading another device's state
+    would open a context on it in every process of a multi-GPU run).
 
     Example:
         >>> @keeps_global_rng
@@ -51,7 +54,7 @@ def keeps_global_rng(fn: _F) -> _F:
     """
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=cuda):
             return fn(*args, **kwargs)
 
