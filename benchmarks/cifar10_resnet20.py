@@ -20,6 +20,8 @@ base from ``train_bases.sh``).
     python benchmarks/cifar10_resnet20.py --threads 2
     python benchmarks/cifar10_resnet20.py --threads 2 --clean-base --name cifar10_resnet20_clean_base
     python benchmarks/cifar10_resnet20.py --threads 2 --baselines-from benchmarks/results/cifar10_resnet20.json
+    python benchmarks/cifar10_resnet20.py --threads 1 --baselines-from benchmarks/results/cifar10_resnet20.json \
+        --base-jitter 0.25 --name cifar10_resnet20_jitter
 
 ``--baselines-from`` reruns NeuMeta only and takes every other method's rows
 (and their training times) from an earlier result of the same base, data,
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--clean-base", action="store_true",
                     help="the version-1 INR: a fixed bilinear base read at the clean coordinates "
                     "(INRConfig(resample='bilinear', train_base=False, base_noise=False))")
+    ap.add_argument("--base-jitter", type=float, default=mk.TrainConfig().base_jitter,
+                    help="TrainConfig.base_jitter of the NeuMeta run (cells; default off)")
     ap.add_argument("--baselines-from", default=None, metavar="JSON",
                     help="reuse the baseline rows of this earlier result (same base, data, seed, epochs)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -95,7 +99,8 @@ def main() -> None:
             "budget": lambda b: (b or "").startswith(f"{args.epochs} epoch(s) per method"),
             "base": lambda b: Path((b or "").split(":")[0]).name == Path(args.base).name})
         reused = {"meta": old_meta, "rows": old_rows}
-    cfg = mk.MorphConfig(train=mk.TrainConfig(epochs=args.epochs, seed=args.seed), samples=args.samples, inr=inr)
+    cfg = mk.MorphConfig(train=mk.TrainConfig(epochs=args.epochs, seed=args.seed, base_jitter=args.base_jitter),
+                         samples=args.samples, inr=inr)
     manifold = mk.morph(base, train, example_inputs=x, config=cfg, device=args.device)
     times["morph"] = time.perf_counter() - t0
     manifold_file = RESULTS / "manifolds" / f"{args.name}.safetensors"
@@ -150,9 +155,10 @@ def main() -> None:
             "budget": f"{args.epochs} epoch(s) per method (NeuMeta morph, each individual model, slimmable); "
                       f"pruning without fine-tuning" + (f" and +{args.finetune_epochs} epoch(s)"
                                                         if args.finetune_epochs else ""),
-            "manifold": f"{'version-1 INR (fixed bilinear base, clean)' if args.clean_base else 'default MorphConfig'}"
+            "manifold": f"{'version-1 INR (fixed bilinear base, clean)' if args.clean_base else 'default INRConfig'}"
                         f" ({inr}), "
                         f"{args.epochs} epochs, compression U[0, 0.5] (75% untrained), "
+                        f"base jitter {cfg.train.base_jitter}, "
                         f"K = {args.samples}; saved to {manifold_file.relative_to(RESULTS.parent.parent)}"
                         if args.limit is None else "not saved (smoke run)",
             "wall times (s)": ", ".join(f"{k} {v:.0f}" for k, v in times.items())
