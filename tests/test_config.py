@@ -75,7 +75,7 @@ def test_version_1_configs_keep_the_behaviour_they_were_trained_with():
         INRConfig(factor_rank=-1)
     assert now.train.base_jitter == 0.0  # off by default (files without the key were trained without it)
     with pytest.raises(ConfigError, match="train.base_jitter"):
-        TrainConfig(base_jitter=1.5)
+        TrainConfig(base_jitter=2.5)
 
 
 def test_config_error_is_value_error():
