@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from morphkit.clique import Clique, width_map
 from morphkit.errors import ConfigError, TrainingError
-from morphkit.fit import keeps_global_rng, to_device
+from morphkit.fit import folded_bn_names, keeps_global_rng, to_device
 from morphkit.graph import copy_with, keep_positions, member_channels, permute_state
 
 __all__ = [
@@ -100,21 +100,6 @@ def _cliques_of(model: nn.Module, example_inputs: Any, cliques: Sequence[Clique]
     from morphkit.graph import find_cliques
 
     return find_cliques(model, example_inputs)
-
-
-def _frozen_bn_names(model: nn.Module) -> list[str]:
-    """BatchNorms folded by :func:`~morphkit.fuse.fuse_bn` (identities that must stay in eval mode)."""
-    fused = getattr(model, "morphkit_fused_bn", None)
-    if isinstance(fused, (list, tuple)):
-        return [str(n) for n in fused]
-    if fused:  # a bool (sampled models): every BN that is an identity up to its bias
-        out = []
-        for name, m in model.named_modules():
-            if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-                    and bool((m.running_mean == 0).all()) and (m.weight is None or bool((m.weight == 1).all()))):
-                out.append(name)
-        return out
-    return []
 
 
 def _frozen_bn_loss(loss_fn: LossFn, names: list[str]) -> LossFn:
@@ -477,7 +462,7 @@ def prune(model: nn.Module, example_inputs: Any, width: float | dict[int, int], 
 
         recipe = recipe_of(model)
         kept = pruned.morphkit_kept
-        loss = _frozen_bn_loss(loss_fn or _default_loss(model), _frozen_bn_names(model))
+        loss = _frozen_bn_loss(loss_fn or _default_loss(model), folded_bn_names(model))
         pruned, _ = fit(pruned, tune_data, epochs=finetune_epochs, loss_fn=loss, optimizer=recipe["optimizer"],
                         lr=lr if lr is not None else recipe["lr"] * 0.1, weight_decay=recipe["weight_decay"],
                         seed=seed, device=device, progress=progress)
@@ -603,7 +588,7 @@ def recalibrate_all_bn(net: nn.Module, data: Iterable, batches: int = 20) -> int
     Returns:
         The number of BatchNorm modules recalibrated.
     """
-    frozen = set(_frozen_bn_names(net))
+    frozen = set(folded_bn_names(net))
     bns = [m for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats and name not in frozen]
     if not bns:
@@ -775,7 +760,7 @@ def train_slimmable(model: nn.Module, data: Iterable, widths: Sequence[float] = 
     classify = loss_fn is None and task_of(model) == "classification"
     base_loss = loss_fn or (classification_loss() if classify else _default_loss(model))
     distill = inplace_distill and classify
-    frozen = set(_frozen_bn_names(model))
+    frozen = set(folded_bn_names(model))
     state = net.state_dict(keep_vars=True)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     params = [p for p in net.parameters() if p.requires_grad]

@@ -63,6 +63,7 @@ def save_model(model: nn.Module, path: str | Path, **metadata: Any) -> None:
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "widths": None if widths is None else {str(k): int(v) for k, v in widths.items()},
         "fused_bn": bool(getattr(model, "morphkit_fused_bn", False)),
+        "inputs": getattr(model, "morphkit_inputs", None),
         "shapes": {k: list(v.shape) for k, v in state.items()},
         "params": count_params(model),
         "user": metadata,
@@ -112,6 +113,14 @@ def check_model_meta(meta: dict[str, Any], path: str | Path) -> None:
     if widths is not None and not (isinstance(widths, dict) and all(
             _is_int_key(k) and _is_int(v) and v >= 1 for k, v in widths.items())):
         raise bad("widths", "null or {clique_id: channels >= 1}")
+    if meta.get("inputs") is not None:
+        from morphkit.resize import check_input_spec
+
+        try:
+            check_input_spec(meta["inputs"])
+        except ValueError as e:
+            raise CheckpointError(f"{str(path)!r}: metadata field 'inputs' is malformed: {e}; the file is corrupt "
+                                  "or was edited — write it again") from e
     shapes = meta.get("shapes")
     if shapes is not None and not (isinstance(shapes, dict) and all(
             isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v) for v in shapes.values())):
@@ -238,11 +247,10 @@ def load_model(path: str | Path, base: nn.Module | None = None) -> nn.Module:
 
         model = fuse_bn(model)
     if widths and _shapes_differ(model, tensors):
-        from morphkit.models import example_inputs_for
         from morphkit.resize import resize
 
         try:
-            model = resize(model, example_inputs_for(model), widths)
+            model = resize(model, _example_inputs(model, meta, path), widths)
         except MorphkitError as e:
             raise CheckpointError(f"{str(path)!r}: cannot resize its architecture to the recorded width map "
                                   f"{widths}: {e}; is it a file for another model? pass the matching base=") from e
@@ -250,6 +258,17 @@ def load_model(path: str | Path, base: nn.Module | None = None) -> nn.Module:
     if widths:
         model.morphkit_widths = widths
     return model.eval()
+
+
+def _example_inputs(model: nn.Module, meta: dict[str, Any], path: str | Path) -> Any:
+    """Inputs to trace the base with: the arch's input shape, else the ones recorded at resize time."""
+    from morphkit.models import example_inputs_for
+    from morphkit.resize import inputs_from_spec
+
+    arch = arch_of(model)
+    if (arch and arch.get("input_shape")) or meta.get("inputs") is None:
+        return example_inputs_for(model)  # raises a clear UnsupportedModelError when neither is known
+    return inputs_from_spec(meta["inputs"])  # checked by check_model_meta
 
 
 def _shapes_differ(model: nn.Module, tensors: dict[str, torch.Tensor]) -> bool:

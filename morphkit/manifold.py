@@ -542,23 +542,52 @@ def bn_modules_to_calibrate(net: nn.Module) -> list[nn.Module]:
 def recalibrate_bn(net: nn.Module, data: Any, batches: int = 20) -> int:
     """Recompute running statistics of non-folded BatchNorms on a few batches.
 
+    Batches are moved to the device of ``net``'s parameters. The statistics
+    are a cumulative average over the batches seen; each BatchNorm's momentum
+    and mode are restored afterwards, also when a forward pass fails.
+
+    Args:
+        net: A (sampled) network; its BatchNorm buffers are overwritten in place.
+        data: Iterable of batches (``(x, ...)`` tuples or tensors).
+        batches: At most this many batches are used.
+
     Returns:
         The number of BatchNorm modules recalibrated.
+
+    Raises:
+        ConfigError: ``data`` yielded no batch while there was something to recalibrate.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()
+        >>> _ = net[1].weight.data.fill_(2.0)  # a real BN, not a folded identity
+        >>> recalibrate_bn(net, [torch.randn(8, 1, 6, 6)])
+        1
     """
+    from morphkit.fit import to_device
+
     bns = bn_modules_to_calibrate(net)
     if not bns:
         return 0
+    p = next(iter(net.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
     saved = [(m.momentum, m.training) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-        m.train()
-    for i, batch in enumerate(data):
-        if i >= batches:
-            break
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        net(x)
-    for m, (mom, tr) in zip(bns, saved):
-        m.momentum = mom
-        m.train(tr)
+    seen = 0
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+            m.train()
+        for batch in data:
+            if seen >= batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            net(to_device(x, device))
+            seen += 1
+    finally:
+        for m, (mom, tr) in zip(bns, saved):
+            m.momentum = mom
+            m.train(tr)
+    if seen == 0:
+        raise ConfigError("calibration data yielded no batch; pass a non-empty iterable of (x, y) batches "
+                          "to recalibrate the BatchNorm statistics")
     return len(bns)

@@ -10,8 +10,10 @@ consistent), and then sets each layer's size attributes from its new tensors
 ``head_dim``/``attn_dim``/``scale`` of timm-style attention). Which channels
 are kept only fixes the shapes: the values come from the INR. The result is an
 ordinary ``nn.Module`` that runs, saves and loads like the base model, with
-``morphkit_widths`` (the full width map) recorded on it, so that
-``resize(base, inputs, model.morphkit_widths)`` rebuilds exactly its shapes.
+``morphkit_widths`` (the full width map) and ``morphkit_inputs`` (the
+example inputs' shapes and dtypes) recorded on it, so that
+``resize(base, inputs, model.morphkit_widths)`` rebuilds exactly its shapes,
+also for a user's own model class that records no input shape.
 """
 
 from __future__ import annotations
@@ -33,6 +35,51 @@ __all__ = ["resize"]
 logger = logging.getLogger(__name__)
 
 
+def input_spec(example_inputs: Any) -> dict[str, list] | None:
+    """Shapes and dtypes of example inputs (JSON-ready), or None when they are not all tensors.
+
+    Example:
+        >>> input_spec(torch.zeros(1, 3, 8, 8))
+        {'shapes': [[1, 3, 8, 8]], 'dtypes': ['float32']}
+    """
+    inputs = as_inputs(example_inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        return None
+    return {"shapes": [list(t.shape) for t in inputs], "dtypes": [str(t.dtype).removeprefix("torch.") for t in inputs]}
+
+
+def check_input_spec(spec: Any) -> None:
+    """Check a record from :func:`input_spec` (read back from a file) without allocating anything.
+
+    Raises:
+        ValueError: ``spec`` is not 1 to 16 (shape, dtype) pairs of small positive shapes and torch dtypes.
+    """
+    shapes = spec.get("shapes") if isinstance(spec, dict) else None
+    dtypes = spec.get("dtypes") if isinstance(spec, dict) else None
+    ok = (isinstance(shapes, list) and isinstance(dtypes, list) and 1 <= len(shapes) == len(dtypes) <= 16
+          and all(isinstance(s, list) and 1 <= len(s) <= 8
+                  and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16 for v in s)
+                  and math.prod(s) <= 1 << 26 for s in shapes)
+          and all(isinstance(d, str) and isinstance(getattr(torch, d, None), torch.dtype) for d in dtypes))
+    if not ok:
+        raise ValueError(f"input record {spec!r:.200} is not 1 to 16 (shape, dtype) pairs of small positive "
+                         "shapes and torch dtypes")
+
+
+def inputs_from_spec(spec: Any) -> tuple[torch.Tensor, ...]:
+    """Zero tensors of the shapes and dtypes :func:`input_spec` recorded (enough to trace and resize a model).
+
+    Raises:
+        ValueError: ``spec`` is malformed (:func:`check_input_spec`).
+
+    Example:
+        >>> inputs_from_spec({"shapes": [[1, 3, 8, 8]], "dtypes": ["float32"]})[0].shape
+        torch.Size([1, 3, 8, 8])
+    """
+    check_input_spec(spec)
+    return tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(spec["shapes"], spec["dtypes"]))
+
+
 def resize(model: nn.Module, example_inputs: Any, width: float | dict[int, int],
            cliques: Sequence[Clique] | None = None, *, check: bool = False) -> nn.Module:
     """Return a new model with its cliques resized.
@@ -50,8 +97,9 @@ def resize(model: nn.Module, example_inputs: Any, width: float | dict[int, int],
 
     Returns:
         A new module of the same classes, with ``morphkit_widths`` =
-        ``{clique_id: channels}`` for every clique, and ``morphkit_arch``
-        copied from the model.
+        ``{clique_id: channels}`` for every clique, ``morphkit_inputs`` =
+        ``{"shapes": [...], "dtypes": [...]}`` of the example inputs, and
+        ``morphkit_arch`` copied from the model.
 
     Raises:
         ConfigError: a width <= 0, > 1, NaN, not a number; an unknown clique
@@ -74,6 +122,7 @@ def resize(model: nn.Module, example_inputs: Any, width: float | dict[int, int],
     widths = width_map(cliques, width)
     new = _resize_unchecked(model, cliques, widths)
     new.morphkit_widths = dict(widths)
+    new.morphkit_inputs = input_spec(example_inputs)
     if check:
         try:
             with _eval_mode(new):

@@ -28,6 +28,17 @@ def test_train_reports_accuracy(files):
     assert (files / "base.safetensors").is_file()
 
 
+def test_train_in_bf16_writes_a_float32_model(tmp_path):
+    out = tmp_path / "bf16.safetensors"
+    res = CliRunner().invoke(main, ["train", "lenet5", "--data", "embedded", "--epochs", "1", "--precision", "bf16",
+                                    "-o", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["eval", str(out), "--data", "embedded"])
+    assert res.exit_code == 0 and "accuracy" in res.output
+    res = CliRunner().invoke(main, ["train", "lenet5", "--data", "embedded", "--precision", "fp8", "-o", str(out)])
+    assert res.exit_code != 0 and "fp8" in res.output
+
+
 def test_morph_reports_widths(files):
     r = CliRunner().invoke(main, ["info", str(files / "m.morph.safetensors")])
     assert r.exit_code == 0 and "morphkit.manifold/1" in r.output and "inr_params" in r.output

@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+from _files import rewrite
 
 import morphkit as mk
 from morphkit._io import read_tensors, write_tensors
@@ -68,6 +69,35 @@ def test_custom_model_needs_base(tmp_path):
         mk.load_model(p)
     back = mk.load_model(p, base=Net())
     assert torch.equal(back.lin.weight, net.lin.weight)
+
+
+class _TwoLayer(torch.nn.Module):  # a user's own class: morphkit records no architecture or input shape for it
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.conv(x).relu().mean((2, 3)))
+
+
+def test_resized_custom_model_loads_back_with_its_base(tmp_path):
+    x = torch.randn(2, 3, 10, 10)
+    small = mk.resize(_TwoLayer(), x, 0.5)
+    p = tmp_path / "small.safetensors"
+    mk.save_model(small, p)
+    assert mk.model_info(p)["inputs"] == {"shapes": [[2, 3, 10, 10]], "dtypes": ["float32"]}
+    back = mk.load_model(p, base=_TwoLayer())  # resized with the recorded input shapes
+    assert back.conv.out_channels == 4
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+    tensors, meta = read_tensors(p)
+    for bad in ({"shapes": [[2, 3, -1, 10]], "dtypes": ["float32"]}, {"shapes": [[2, 3]], "dtypes": ["nope"]},
+                [1, 2], {"shapes": [[1 << 20, 1 << 16]], "dtypes": ["float32"]}):
+        q = tmp_path / "bad.safetensors"
+        q.write_bytes(rewrite(tensors, dict(meta, inputs=bad)))
+        with pytest.raises(CheckpointError, match="'inputs' is malformed"):
+            mk.load_model(q, base=_TwoLayer())
 
 
 def test_missing_empty_truncated_corrupt(tmp_path):

@@ -225,3 +225,79 @@ def test_training_leaves_the_callers_global_rng_alone(entry):
     else:
         mk.fit(model, _data(2), epochs=1, seed=7, progress=False)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_fit_bf16_trains_conv_nets_and_returns_plain_float32_weights(tmp_path):
+    # bf16 autocast + channels-last: the result must be a normal fp32, contiguous model that saves and learns
+    model = mk.build_model("lenet5")
+    data = _data(6)
+    plain, h32 = mk.fit(model, data, epochs=3, optimizer="adam", lr=2e-3, progress=False)
+    net, h16 = mk.fit(model, data, epochs=3, optimizer="adam", lr=2e-3, precision="bf16", progress=False)
+    assert h16.train_loss[-1] < h16.train_loss[0]  # it learns
+    assert abs(h16.train_loss[-1] - h32.train_loss[-1]) < 0.25 * h32.train_loss[0]  # and like fp32 does
+    for k, v in net.state_dict().items():
+        assert v.dtype == plain.state_dict()[k].dtype and v.is_contiguous(), k
+    again, _ = mk.fit(model, data, epochs=3, optimizer="adam", lr=2e-3, precision="bf16", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    mk.save_model(net, tmp_path / "bf16.safetensors")
+    x = data[0][0]
+    assert torch.allclose(mk.load_model(tmp_path / "bf16.safetensors")(x), net(x))
+
+
+def test_fit_rejects_an_unknown_precision():
+    with pytest.raises(ConfigError, match="precision"):
+        mk.fit(mk.build_model("lenet5"), _data(1), epochs=1, precision="fp16", progress=False)
+
+
+def test_recalibrate_bn_restores_its_modules_and_rejects_empty_data():
+    from morphkit.manifold import recalibrate_bn
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3)).eval()
+    net[1].weight.data.fill_(2.0)
+    x = torch.randn(8, 1, 6, 6) * 3 + 1
+    assert recalibrate_bn(net, [(x, None)]) == 1
+    bn = net[1]
+    assert not bn.training and bn.momentum == 0.3  # mode and momentum restored
+    pre = net[0](x).transpose(0, 1).reshape(4, -1)
+    assert torch.allclose(bn.running_mean, pre.mean(1), atol=1e-5)  # the statistics of the data seen
+    with pytest.raises(ConfigError, match="no batch"):
+        recalibrate_bn(net, [])
+    assert not bn.training and bn.momentum == 0.3
+
+
+def test_fit_keeps_folded_batchnorms_as_identities():
+    # fit() sets train mode each epoch; a folded BN in train mode would normalise with batch statistics and
+    # overwrite its (0, 1) running statistics, silently changing the fused network's function
+    torch.manual_seed(0)
+    net = mk.build_model("resnet20")
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    fused = mk.fuse_bn(net.eval())
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    tuned, _ = mk.fit(fused, data, epochs=1, lr=1e-12, momentum=0.0, weight_decay=0.0, progress=False)
+    buffers = {k: v for k, v in fused.state_dict().items() if "running" in k}
+    assert buffers and all(torch.equal(tuned.state_dict()[k], v) for k, v in buffers.items())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(tuned(x), fused(x), atol=1e-5)
+
+
+def test_sampled_custom_model_saves_and_loads_with_its_base(tmp_path):
+    # the export path of a user's own class: load_model(base=...) must resize it without a registry input shape
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 8, 5)
+            self.head = torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.head(self.conv(x).relu().mean((2, 3)))
+
+    cfg = mk.MorphConfig(inr=CFG.inr, train=mk.TrainConfig(steps=2, eval_compressions=(0.0,)))
+    man = mk.morph(Net(), _data(1), example_inputs=torch.zeros(1, 1, 28, 28), config=cfg, progress=False)
+    small = man.sample(0.5, samples=1)
+    mk.save_model(small, tmp_path / "small.safetensors")
+    back = mk.load_model(tmp_path / "small.safetensors", base=Net())
+    x = _data(1, 3)[0][0]
+    assert back.conv.out_channels == 4 and torch.equal(back(x), small(x))
