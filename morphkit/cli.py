@@ -135,20 +135,23 @@ def train(model: str, data_spec: str, epochs: int | None, batch_size: int, optim
 @click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
 @click.option("--width", type=float, default=None, help="Width to sample (manifold files only).")
 @click.option("--samples", type=int, default=None, help="K noisy draws averaged (manifold files only).")
+@click.option("--unseen", type=click.Choice(["inr", "fold"]), default=None,
+              help="Widths below the trained range: ask the INR (inr, the default) or fold from trained widths.")
 @click.option("--batch-size", type=int, default=500, show_default=True)
-def eval_cmd(file: str, data_spec: str, width: float | None, samples: int | None, batch_size: int) -> None:
+def eval_cmd(file: str, data_spec: str, width: float | None, samples: int | None, unseen: str | None,
+             batch_size: int) -> None:
     """Evaluate a model FILE (or a manifold at --width) on the test split of --data."""
     from morphkit.data import load_data, make_loaders
     from morphkit.fit import evaluate
 
-    net = _load_any(file, width, samples)
+    net = _load_any(file, width, samples, unseen)
     splits = load_data(data_spec)
     _, test_dl = make_loaders(splits, batch_size=batch_size, augment=False)
     metrics = evaluate(net, test_dl)
     click.echo(f"{file}{'' if width is None else f' @ width {width}'}: {_fmt_metrics(metrics)}")
 
 
-def _load_any(file: str, width: float | None, samples: int | None):
+def _load_any(file: str, width: float | None, samples: int | None, unseen: str | None = None):
     from morphkit._io import read_tensors
     from morphkit.export import load_model
     from morphkit.formats import MANIFOLD_FORMAT
@@ -160,9 +163,10 @@ def _load_any(file: str, width: float | None, samples: int | None):
         if width is None:
             raise ConfigError(f"{file!r} is a manifold: pass --width W (0 < W <= 1) to sample a model from it")
         m = Manifold.load(file)
-        return m.sample(width, samples=samples or m.config.samples)
-    if width is not None or samples is not None:
-        raise ConfigError(f"{file!r} is a model file of fixed width: --width/--samples apply to manifolds only")
+        return m.sample(width, samples=samples or m.config.samples, unseen=unseen or "inr")
+    if width is not None or samples is not None or unseen is not None:
+        raise ConfigError(f"{file!r} is a model file of fixed width: --width/--samples/--unseen apply to "
+                          "manifolds only")
     return load_model(file)
 
 
@@ -299,9 +303,11 @@ def _check_writable(output: str) -> None:
 @click.option("--compression", type=float, default=None, help="Compression in [0, 1) (= 1 - width).")
 @click.option("--samples", type=int, default=None, help="K noisy draws averaged (default: the manifold's, 50).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--unseen", type=click.Choice(["inr", "fold"]), default=None,
+              help="Widths below the trained range: ask the INR (inr, the default) or fold from trained widths.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
 def export(manifold_file: str, width: float | None, compression: float | None, samples: int | None, seed: int,
-           output: str) -> None:
+           unseen: str | None, output: str) -> None:
     """Sample a standard model from a manifold at --width or --compression."""
     from morphkit.export import count_params, save_model
     from morphkit.manifold import Manifold
@@ -315,9 +321,10 @@ def export(manifold_file: str, width: float | None, compression: float | None, s
     _check_writable(output)
     m = Manifold.load(manifold_file)
     t0 = time.perf_counter()
-    net = m.sample(width, samples=samples, seed=seed)
+    net = m.sample(width, samples=samples, seed=seed, unseen=unseen or "inr")
     seconds = time.perf_counter() - t0
-    save_model(net, output, source=str(manifold_file), width=width, samples=samples or m.config.samples, seed=seed)
+    save_model(net, output, source=str(manifold_file), width=width, samples=samples or m.config.samples, seed=seed,
+               unseen=unseen or "inr")
     click.echo(f"exported width {width:g} ({count_params(net):,} params, sampled in {seconds:.2f} s) to {output}")
 
 

@@ -26,13 +26,36 @@ from morphkit.config import MorphConfig
 from morphkit.coords import CoordBuilder, CoordTable, DimSpec, TensorLayout, WidthMap, _dims_of, resize_static
 from morphkit.errors import CheckpointError, ConfigError, MorphkitError
 from morphkit.formats import MANIFOLD_FORMAT, format_tag
-from morphkit.inr import INR
+from morphkit.inr import INR, _area_weights
 
 __all__ = ["Manifold", "predict_tensors", "as_inputs", "build_inr", "factor_ranks", "recalibrate_bn"]
 
 logger = logging.getLogger(__name__)
 
 ROWS_PER_CHUNK = 1 << 18  # rows through the trunk at once when sampling (~256 MB at hidden 256)
+UNSEEN_MODES = ("inr", "fold")
+#: Trained width maps averaged when a width below the trained range is folded (Manifold.fold_sources).
+FOLD_SOURCES = 4
+
+
+def fold_rows(rows: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
+    """Merge a layout's rows from ``src`` cells ``(C_out, C_in)`` down to ``dst`` cells with box filters.
+
+    The same operator that resamples the residual base (:func:`~morphkit.inr.area_weights`
+    on both channel dims); with the fan-in factor applied afterwards, merged
+    output channels are averaged and merged input channels summed (model folding).
+
+    Example:
+        >>> fold_rows(torch.arange(4.0).view(4, 1), (2, 2), (1, 2)).flatten().tolist()
+        [1.0, 2.0]
+    """
+    (so, si), (do, di) = src, dst
+    grid = rows.reshape(so, si, -1)  # (C_out_src, C_in_src, T)
+    if do != so:
+        grid = torch.einsum("on,nmt->omt", _area_weights(do, so).to(grid), grid)  # (C_out, C_in_src, T)
+    if di != si:
+        grid = torch.einsum("im,omt->oit", _area_weights(di, si).to(grid), grid)  # (C_out, C_in, T)
+    return grid.reshape(do * di, -1)
 
 
 def as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -184,7 +207,7 @@ class Manifold:
     # --------------------------------------------------------------- sampling
     @torch.no_grad()
     def predict(self, width: Any, samples: int | None = None, seed: int = 0,
-                noise: float | None = None) -> dict[str, torch.Tensor]:
+                noise: float | None = None, unseen: str = "inr") -> dict[str, torch.Tensor]:
         """Averaged INR predictions (``state_dict`` entries) at a width.
 
         Args:
@@ -192,13 +215,73 @@ class Manifold:
             samples: K coordinate draws averaged (first clean); default ``config.samples``.
             seed: Seed of the noise draws.
             noise: Noise half-width ``a`` (default: the training value).
+            unseen: How to build a width map with a clique narrower than
+                training ever made it (:meth:`fold_sources`): ``"inr"`` (the
+                default, NeuMeta's way) asks the INR at the width itself,
+                extrapolating its width inputs; ``"fold"`` predicts at
+                ``FOLD_SOURCES`` widths spread over the trained range, merges
+                their channels down to the asked width with the box filter the
+                base is resampled with (fan-out averaged, fan-in summed) and
+                averages the results. Widths inside the trained range are
+                predicted directly either way. Measured: fold lifts LeNet-5 /
+                MNIST at 75% compression (97.1% -> 97.6% with base jitter 1.25,
+                78.3% -> 79.9% without) but ruins ResNet-20 / CIFAR-10 at 62.5%
+                (30.3% -> 15.5%), hence not the default.
+
+        Example:
+            >>> w = manifold.predict(0.25, unseen="fold")  # 75% compression, folded  # doctest: +SKIP
         """
         k_draws = self.config.samples if samples is None else samples
         if isinstance(k_draws, bool) or not isinstance(k_draws, int) or k_draws < 1:
             raise ConfigError(f"samples must be an int >= 1, got {k_draws!r}")
+        if unseen not in UNSEEN_MODES:
+            raise ConfigError(f"unseen: got {unseen!r}, expected one of {', '.join(map(repr, UNSEEN_MODES))}")
         counts = self.width_map(width)
         table = self.builder.table(counts)
         a = self.config.train.noise if noise is None else noise
+        sources = self.fold_sources(counts) if unseen == "fold" else []
+        if not sources:
+            rows = self._rows(table, k_draws, seed, a)
+        else:
+            folded = []
+            for src in sources:
+                src_table = self.builder.table(src)
+                folded.append([fold_rows(r, src_table.cells[k], table.cells[k])
+                               for k, r in enumerate(self._rows(src_table, k_draws, seed, a))])
+            rows = [torch.stack(per_layout).mean(0) for per_layout in zip(*folded)]
+            logger.debug("folded %s from %d trained width maps", counts, len(sources))
+        return {lt.name: self.builder.assemble(k, table, rows[k] * table.fan_in[k])
+                for k, lt in enumerate(self.layouts)}
+
+    def fold_sources(self, counts: WidthMap) -> list[WidthMap]:
+        """The trained width maps a width map is folded from; ``[]`` when it lies in the trained range.
+
+        A clique is below the trained range when it has fewer channels than
+        the highest trained compression leaves. Then source ``j`` of
+        ``FOLD_SOURCES`` is the width map at compression ``high * j /
+        FOLD_SOURCES`` (spread over the trained range, full width excluded:
+        there the INR only reconstructs the base), with no clique narrower
+        than asked.
+
+        Example:
+            >>> manifold.fold_sources(manifold.width_map(0.5))  # in range  # doctest: +SKIP
+            []
+        """
+        high = self.config.train.compression[1]
+        if high <= 0 or all(c.fixed or counts[c.id] >= c.channels_for(1 - high) for c in self.cliques):
+            return []
+        sources = []
+        for j in range(1, FOLD_SOURCES + 1):
+            g = high * j / FOLD_SOURCES
+            sources.append({c.id: counts[c.id] if c.fixed else max(counts[c.id], c.channels_for(1 - g))
+                            for c in self.cliques})
+        return sources
+
+    def _rows(self, table: CoordTable, k_draws: int, seed: int, a: float) -> list[torch.Tensor]:
+        """Per layout, the INR's rows ``(C_out * C_in, T)`` at a table's width map, averaged over K draws.
+
+        Rows come before the fan-in factor (:meth:`CoordBuilder.assemble` turns them into tensors).
+        """
         gen = torch.Generator().manual_seed(seed)
         rows, n_heads = table.rows, len(self.layouts)
         acc: list[torch.Tensor | None] = [None] * n_heads
@@ -221,11 +304,10 @@ class Manifold:
                                     sum_draws=True)  # (rows_k, T): the sum over the kc draws
                 acc[k] = out if acc[k] is None else acc[k] + out
             done += kc
-        return {lt.name: self.builder.assemble(k, table, acc[k] * (table.fan_in[k] / k_draws))
-                for k, lt in enumerate(self.layouts)}
+        return [r / k_draws for r in acc]  # type: ignore[operator]
 
     def sample(self, width: Any, samples: int | None = None, seed: int = 0,
-               calib_data: Any = None, calib_batches: int = 20) -> nn.Module:
+               calib_data: Any = None, calib_batches: int = 20, unseen: str = "inr") -> nn.Module:
         """Emit a standard model at a width.
 
         Args:
@@ -236,6 +318,8 @@ class Manifold:
             calib_data: Batches to recalibrate BatchNorm statistics that fusion
                 could not fold (ignored when every BN was folded).
             calib_batches: How many batches of ``calib_data`` to use.
+            unseen: ``"fold"`` or ``"inr"``: how widths narrower than the
+                trained range are built (see :meth:`predict`).
 
         Returns:
             An ``nn.Module`` in eval mode with ``morphkit_arch`` and ``morphkit_widths`` set.
@@ -245,7 +329,7 @@ class Manifold:
             >>> net = manifold.sample({3: 24}, samples=10)  # doctest: +SKIP
         """
         counts = self.width_map(width)
-        state = {**self.static_tensors(counts), **self.predict(counts, samples=samples, seed=seed)}
+        state = {**self.static_tensors(counts), **self.predict(counts, samples=samples, seed=seed, unseen=unseen)}
         net = copy.deepcopy(self.template(counts))
         try:
             net.load_state_dict(state, strict=True)

@@ -39,6 +39,25 @@ def test_train_in_bf16_writes_a_float32_model(tmp_path):
     assert res.exit_code != 0 and "fp8" in res.output
 
 
+def test_export_and_eval_fold_unseen_widths(files):
+    r = CliRunner()
+    out = files / "w10.safetensors"
+    res = r.invoke(main, ["export", str(files / "m.morph.safetensors"), "--width", "0.1", "--unseen", "fold",
+                          "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    import morphkit as mk
+
+    assert mk.model_info(out)["user"]["unseen"] == "fold"
+    res = r.invoke(main, ["eval", str(files / "m.morph.safetensors"), "--width", "0.1", "--unseen", "fold",
+                          "--samples", "2", "--data", "embedded"])
+    assert res.exit_code == 0 and "accuracy" in res.output, res.output
+    res = r.invoke(main, ["eval", str(out), "--unseen", "fold", "--data", "embedded"])
+    assert res.exit_code != 0 and "apply to manifolds only" in res.output
+    res = r.invoke(main, ["export", str(files / "m.morph.safetensors"), "--width", "0.1", "--unseen", "guess",
+                          "-o", str(out)])
+    assert res.exit_code != 0 and "guess" in res.output
+
+
 def test_morph_reports_widths(files):
     r = CliRunner().invoke(main, ["info", str(files / "m.morph.safetensors")])
     assert r.exit_code == 0 and "morphkit.manifold/1" in r.output and "inr_params" in r.output

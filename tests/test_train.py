@@ -301,3 +301,49 @@ def test_sampled_custom_model_saves_and_loads_with_its_base(tmp_path):
     back = mk.load_model(tmp_path / "small.safetensors", base=Net())
     x = _data(1, 3)[0][0]
     assert back.conv.out_channels == 4 and torch.equal(back(x), small(x))
+
+
+def test_fold_rows_merges_cells_with_box_filters_and_composes_when_cells_nest():
+    from morphkit.manifold import fold_rows
+
+    rows = torch.randn(8 * 6, 3, generator=torch.Generator().manual_seed(0))
+    out = fold_rows(rows, (8, 6), (4, 3))
+    grid = rows.view(8, 6, 3)
+    want = grid.view(4, 2, 3, 2, 3).mean((1, 3))  # every 2 x 2 block of cells averaged
+    assert torch.allclose(out.view(4, 3, 3), want, atol=1e-6)
+    assert torch.allclose(fold_rows(fold_rows(rows, (8, 6), (4, 3)), (4, 3), (2, 1)),
+                          fold_rows(rows, (8, 6), (2, 1)), atol=1e-6)  # 8 -> 4 -> 2 is 8 -> 2
+    assert torch.equal(fold_rows(rows, (8, 6), (8, 6)), rows)
+
+
+def test_unseen_fold_builds_widths_below_the_trained_range_from_trained_ones(trained):
+    _, _, m = trained
+    lo, hi = m.config.train.compression
+    inside, below = 1 - hi, 0.25
+    assert m.fold_sources(m.width_map(inside)) == []
+    sources = m.fold_sources(m.width_map(below))
+    assert len(sources) == 4
+    target = m.width_map(below)
+    for src in sources:  # each source is a trained width map, never narrower than the target
+        assert all(src[c.id] >= target[c.id] for c in m.cliques)
+        assert all(c.fixed or src[c.id] >= c.channels_for(1 - hi) for c in m.cliques)
+    a, b = m.predict(inside, samples=2, unseen="fold"), m.predict(inside, samples=2, unseen="inr")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # in range: the same predictions
+    f, d = m.sample(below, samples=2, unseen="fold"), m.sample(below, samples=2, unseen="inr")
+    assert [p.shape for p in f.parameters()] == [p.shape for p in d.parameters()]
+    assert any(not torch.equal(p, q) for p, q in zip(f.parameters(), d.parameters()))
+    again = m.sample(below, samples=2, unseen="fold")
+    assert all(torch.equal(p, q) for p, q in zip(f.parameters(), again.parameters()))
+    # folded = the mean over sources of each source's rows merged down (checked on one predicted tensor)
+    from morphkit.manifold import fold_rows
+
+    k = 0
+    lt = m.layouts[k]
+    t_table = m.builder.table(target)
+    want = torch.stack([fold_rows(m.builder.to_rows(k, m.builder.table(s), m.predict(s, samples=2)[lt.name])
+                                  / m.builder.table(s).fan_in[k], m.builder.table(s).cells[k], t_table.cells[k])
+                        for s in sources]).mean(0)
+    got = m.builder.to_rows(k, t_table, f.state_dict()[lt.name]) / t_table.fan_in[k]
+    assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(ConfigError, match="unseen"):
+        m.sample(below, unseen="extrapolate")
