@@ -1,7 +1,7 @@
 """Total variation of a trained network before and after smoothing (issue "Any model" target: >= 15% lower).
 
 Loads the committed trained bases in ``benchmarks/results/base/`` (LeNet-5 on
-MNIST; ResNet-20 on CIFAR-10 after 10 and after 24 epochs, when present) and an
+MNIST; ResNet-20 on CIFAR-10 after 10, 24 and 50 epochs, when present) and an
 untrained ResNet-20 (how much of the reduction training creates), folds BatchNorm, and measures
 ``total_variation`` before and after ``smooth`` with the default solver and
 with time budgets. The function is preserved (checked). Also times
@@ -30,7 +30,8 @@ import morphkit as mk
 from morphkit.smooth import _tv_sums, clique_features, l1_distances
 
 # trained bases in results/base/ (train_bases.sh); "untrained" rows are the same architecture at its seeded init
-BASES = {"lenet5-mnist": (1, 28, 28), "resnet20-cifar10": (3, 32, 32), "resnet20-cifar10-24ep": (3, 32, 32)}
+BASES = {"lenet5-mnist": (1, 28, 28), "resnet20-cifar10": (3, 32, 32), "resnet20-cifar10-24ep": (3, 32, 32),
+         "resnet20-cifar10-50ep": (3, 32, 32)}
 UNTRAINED = {"resnet20": (3, 32, 32)}
 BUDGETS = (None, 1.0, 5.0)
 
@@ -68,6 +69,8 @@ def main() -> None:
             meta = mk.model_info(path)["user"]
             accuracy = meta.get("metrics", {}).get("accuracy", float("nan"))
             training = f"{meta.get('epochs')} epochs, {100 * accuracy:.2f}%"
+            if meta.get("precision", "fp32") != "fp32":
+                training += f" ({meta['precision']})"
         else:
             print(f"{name}: no trained base at {path}; skipped", flush=True)
             continue
@@ -114,7 +117,7 @@ def main() -> None:
                   f"{100 * r['best_possible']:.1f}% | {r['seconds']} | {r['max_rel_diff']:.1e} |")
     md += ["", "Floor: the TV of an ordering as short as each problem's minimum spanning tree, a lower bound "
            "on any ordering's TV; best possible = 1 - floor / TV before, an upper bound on any reduction. "
-           "The same ResNet-20 untrained, after 10 and after 24 epochs shows how much of the reduction "
+           "The same ResNet-20 untrained and after 10, 24 and 50 epochs shows how much of the reduction "
            "training creates.", "",
            f"Smoothing all {resnet50['cliques']} cliques of timm resnet50 (2 threads, after one warm-up run): "
            f"median {resnet50['median_s']} s of {resnet50['walls_s']}."]
