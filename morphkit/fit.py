@@ -187,7 +187,8 @@ def fit(
     device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(seed)
     net = copy.deepcopy(model).to(device).train()
-    folded = [m for name, m in net.named_modules() if name in set(folded_bn_names(model))]
+    folded_names = set(folded_bn_names(model))
+    folded = [m for name, m in net.named_modules() if name in folded_names]
     bf16 = precision == "bf16"
     if bf16:
         net = net.to(memory_format=torch.channels_last)

@@ -119,6 +119,32 @@ def _area_weights(count: int, size: int) -> torch.Tensor:
     return _small_area_weights(count, size) if count * size <= 1 << 14 else area_weights(count, size)
 
 
+def box_merge(grid: torch.Tensor, c_out: int, c_in: int, jitter: float = 0.0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Average a ``(N_out, N_in, T)`` grid of channel cells over the cells of a ``c_out x c_in`` width.
+
+    Both channel dims go through :func:`area_weights` (``jitter``: training's
+    jittered cell edges, drawn afresh per dim). It resamples the residual base
+    to a width, and folds a narrower prediction from a wider one
+    (:func:`~morphkit.manifold.fold_rows`).
+
+    Example:
+        >>> box_merge(torch.arange(4.0).view(2, 2, 1), 1, 2).flatten().tolist()
+        [1.0, 2.0]
+    """
+    n_out, n_in, _ = grid.shape
+
+    def weights(count: int, size: int) -> torch.Tensor:
+        a = area_weights(count, size, jitter, generator) if jitter > 0 else _area_weights(count, size)
+        return a.to(grid)
+
+    if c_out != n_out:
+        grid = torch.einsum("on,nmt->omt", weights(c_out, n_out), grid)  # (c_out, N_in, T)
+    if c_in != n_in:
+        grid = torch.einsum("im,omt->oit", weights(c_in, n_in), grid)  # (c_out, c_in, T)
+    return grid
+
+
 class INR(nn.Module):
     """Residual MLP with one head per predicted tensor, optionally over base grids.
 
@@ -236,17 +262,7 @@ class INR(nn.Module):
         dim: like coordinate noise, independent from tensor to tensor.
         """
         grid = getattr(self, f"grid{k}")  # (N_out, N_in, T)
-        n_out, n_in, t = grid.shape
-
-        def weights(count: int, size: int) -> torch.Tensor:
-            a = area_weights(count, size, jitter, generator) if jitter > 0 else _area_weights(count, size)
-            return a.to(grid.device)
-
-        if c_out != n_out:
-            grid = torch.einsum("on,nmt->omt", weights(c_out, n_out), grid)  # (c_out, N_in, T)
-        if c_in != n_in:
-            grid = torch.einsum("im,omt->oit", weights(c_in, n_in), grid)  # (c_out, c_in, T)
-        return grid.reshape(c_out * c_in, t)
+        return box_merge(grid, c_out, c_in, jitter, generator).reshape(c_out * c_in, grid.shape[2])
 
     def head(self, k: int, h: torch.Tensor, coords: torch.Tensor,
              clean: torch.Tensor | None = None, base: torch.Tensor | None = None,

@@ -26,7 +26,7 @@ from morphkit.config import MorphConfig
 from morphkit.coords import CoordBuilder, CoordTable, DimSpec, TensorLayout, WidthMap, _dims_of, resize_static
 from morphkit.errors import CheckpointError, ConfigError, MorphkitError
 from morphkit.formats import MANIFOLD_FORMAT, format_tag
-from morphkit.inr import INR, _area_weights
+from morphkit.inr import INR, box_merge
 
 __all__ = ["Manifold", "predict_tensors", "as_inputs", "build_inr", "factor_ranks", "recalibrate_bn"]
 
@@ -41,8 +41,8 @@ FOLD_SOURCES = 4
 def fold_rows(rows: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
     """Merge a layout's rows from ``src`` cells ``(C_out, C_in)`` down to ``dst`` cells with box filters.
 
-    The same operator that resamples the residual base (:func:`~morphkit.inr.area_weights`
-    on both channel dims); with the fan-in factor applied afterwards, merged
+    The same operator that resamples the residual base (:func:`~morphkit.inr.box_merge`);
+    with the fan-in factor applied afterwards, merged
     output channels are averaged and merged input channels summed (model folding).
 
     Example:
@@ -50,12 +50,7 @@ def fold_rows(rows: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) ->
         [1.0, 2.0]
     """
     (so, si), (do, di) = src, dst
-    grid = rows.reshape(so, si, -1)  # (C_out_src, C_in_src, T)
-    if do != so:
-        grid = torch.einsum("on,nmt->omt", _area_weights(do, so).to(grid), grid)  # (C_out, C_in_src, T)
-    if di != si:
-        grid = torch.einsum("im,omt->oit", _area_weights(di, si).to(grid), grid)  # (C_out, C_in, T)
-    return grid.reshape(do * di, -1)
+    return box_merge(rows.reshape(so, si, -1), do, di).reshape(do * di, -1)  # (C_out * C_in, T)
 
 
 def as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
