@@ -217,8 +217,9 @@ class Manifold:
                 ``FOLD_SOURCES`` widths spread over the trained range, merges
                 their channels down to the asked width with the box filter the
                 base is resampled with (fan-out averaged, fan-in summed) and
-                averages the results. Widths inside the trained range are
-                predicted directly either way. Measured: fold lifts LeNet-5 /
+                averages the results (``FOLD_SOURCES`` predictions at wider
+                widths: several times the sampling time). Widths inside the
+                trained range are predicted directly either way. Measured: fold lifts LeNet-5 /
                 MNIST at 75% compression (97.1% -> 97.6% with base jitter 1.25,
                 78.3% -> 79.9% without) but ruins ResNet-20 / CIFAR-10 at 62.5%
                 (30.3% -> 15.5%), hence not the default.
@@ -313,8 +314,8 @@ class Manifold:
             calib_data: Batches to recalibrate BatchNorm statistics that fusion
                 could not fold (ignored when every BN was folded).
             calib_batches: How many batches of ``calib_data`` to use.
-            unseen: ``"fold"`` or ``"inr"``: how widths narrower than the
-                trained range are built (see :meth:`predict`).
+            unseen: ``"inr"`` (default) or ``"fold"``: how widths narrower than
+                the trained range are built (see :meth:`predict`).
 
         Returns:
             An ``nn.Module`` in eval mode with ``morphkit_arch`` and ``morphkit_widths`` set.
