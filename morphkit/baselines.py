@@ -579,38 +579,21 @@ def train_individual(arch_or_model: str | dict | nn.Module, width: float | dict[
 # --------------------------------------------------------------------------- #
 
 
-@torch.no_grad()
 def recalibrate_all_bn(net: nn.Module, data: Iterable, batches: int = 20) -> int:
     """Recompute the running statistics of every BatchNorm that tracks them (cumulative average).
 
-    Folded BatchNorms (identities in a ``fuse_bn`` model) are left alone.
+    Folded BatchNorms (identities in a ``fuse_bn`` model) are left alone; the
+    work is :func:`morphkit.manifold.recalibrate_bn`'s.
 
     Returns:
         The number of BatchNorm modules recalibrated.
     """
+    from morphkit.manifold import recalibrate_bn
+
     frozen = set(folded_bn_names(net))
     bns = [m for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats and name not in frozen]
-    if not bns:
-        return 0
-    saved = [(m.momentum, m.training) for m in bns]
-    was = net.training
-    net.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-        m.train()
-    dev = _device_of(net)
-    for i, batch in enumerate(data):
-        if i >= batches:
-            break
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        net(to_device(x, dev))
-    for m, (mom, tr) in zip(bns, saved):
-        m.momentum = mom
-        m.train(tr)
-    net.train(was)
-    return len(bns)
+    return recalibrate_bn(net, data, batches, modules=bns)
 
 
 class SlimmableNet:

@@ -619,17 +619,20 @@ def bn_modules_to_calibrate(net: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def recalibrate_bn(net: nn.Module, data: Any, batches: int = 20) -> int:
-    """Recompute running statistics of non-folded BatchNorms on a few batches.
+def recalibrate_bn(net: nn.Module, data: Any, batches: int = 20,
+                   modules: list[nn.Module] | None = None) -> int:
+    """Recompute BatchNorm running statistics on a few batches (cumulative average).
 
-    Batches are moved to the device of ``net``'s parameters. The statistics
-    are a cumulative average over the batches seen; each BatchNorm's momentum
-    and mode are restored afterwards, also when a forward pass fails.
+    Batches are moved to the device of ``net``'s parameters and run with every
+    other module in eval mode. Each BatchNorm's momentum and mode, and the
+    network's mode, are restored afterwards, also when a forward pass fails.
 
     Args:
         net: A (sampled) network; its BatchNorm buffers are overwritten in place.
         data: Iterable of batches (``(x, ...)`` tuples or tensors).
         batches: At most this many batches are used.
+        modules: The BatchNorms to recalibrate; default the ones fusion did not
+            fold (:func:`bn_modules_to_calibrate`).
 
     Returns:
         The number of BatchNorm modules recalibrated.
@@ -645,14 +648,16 @@ def recalibrate_bn(net: nn.Module, data: Any, batches: int = 20) -> int:
     """
     from morphkit.fit import to_device
 
-    bns = bn_modules_to_calibrate(net)
+    bns = bn_modules_to_calibrate(net) if modules is None else list(modules)
     if not bns:
         return 0
     p = next(iter(net.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     saved = [(m.momentum, m.training) for m in bns]
+    was = net.training
     seen = 0
     try:
+        net.eval()
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # cumulative average
@@ -664,6 +669,7 @@ def recalibrate_bn(net: nn.Module, data: Any, batches: int = 20) -> int:
             net(to_device(x, device))
             seen += 1
     finally:
+        net.train(was)
         for m, (mom, tr) in zip(bns, saved):
             m.momentum = mom
             m.train(tr)
