@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="mnist_lenet_compare")
+    ap.add_argument("--unseen", choices=("inr", "fold"), default="inr",
+                    help="how NeuMeta builds widths below its trained range (Manifold.sample(unseen=))")
     ap.add_argument("--baselines-from", default=None, metavar="JSON",
                     help="reuse every non-NeuMeta row of this earlier result (same data, seed, schedules)")
     args = ap.parse_args()
@@ -83,7 +85,7 @@ def main() -> None:
             t0 = time.perf_counter()
             rows += mk.compare(manifold, test, methods, COMPRESSIONS, base=base, finetune_epochs=ft,
                                samples=args.samples, seed=args.seed, train_data=train,
-                               train_epochs=args.train_epochs)
+                               train_epochs=args.train_epochs, unseen=args.unseen)
             times[f"compare (fine-tune {ft})"] = time.perf_counter() - t0
     rows = [r for r in rows if r["method"] == "neumeta"] + [r for r in rows if r["method"] != "neumeta"]
     for g in COMPRESSIONS:
@@ -97,7 +99,8 @@ def main() -> None:
             "machine": f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, python {m['python']}, {m['date']}",
             "base accuracy": f"{100 * mk.evaluate(base, test)['accuracy']:.2f}%",
             "manifold": args.manifold or f"morphed here, {args.epochs} epochs",
-            "samples (K)": args.samples, "fine-tuning": f"{args.finetune_epochs} epoch(s), lr = recipe lr / 10",
+            "samples (K)": args.samples, "unseen widths": args.unseen,
+            "fine-tuning": f"{args.finetune_epochs} epoch(s), lr = recipe lr / 10",
             "individual / slimmable epochs": args.train_epochs or "recipe (10)",
             "wall times (s)": ", ".join(f"{k} {v:.0f}" for k, v in times.items())}
     if reused is not None:

@@ -389,6 +389,8 @@ def demo(epochs: int, steps: int, progress: bool) -> None:
 @click.option("--train-epochs", type=click.IntRange(min=1), default=None,
               help="Epochs of individual / slimmable training (default: the model's recipe).")
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="K noisy draws averaged (default: 50).")
+@click.option("--unseen", type=click.Choice(["inr", "fold"]), default="inr", show_default=True,
+              help="NeuMeta's widths below the trained range: ask the INR or fold from trained widths.")
 @click.option("--base", "base_file", type=click.Path(), default=None,
               help="The trained base model file to prune (default: the base stored in the manifold file).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
@@ -399,9 +401,9 @@ def demo(epochs: int, steps: int, progress: bool) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Report directory.")
 def compare_cmd(manifold_file: str, data_spec: str, methods: str, compressions: str, finetune_epochs: int,
-                train_epochs: int | None, samples: int | None, base_file: str | None, batch_size: int,
-                limit: int | None, test_limit: int | None, seed: int, device: str | None, progress: bool,
-                output: str) -> None:
+                train_epochs: int | None, samples: int | None, unseen: str, base_file: str | None,
+                batch_size: int, limit: int | None, test_limit: int | None, seed: int, device: str | None,
+                progress: bool, output: str) -> None:
     """Compare NeuMeta with pruning and training baselines at equal sizes; write a report to -o.
 
     MANIFOLD_FILE is a manifold from `morphkit morph` (or a model file, to
@@ -426,9 +428,9 @@ def compare_cmd(manifold_file: str, data_spec: str, methods: str, compressions: 
     t0 = time.perf_counter()
     rows = compare(source, test_dl, methods, compressions, base=base, finetune_epochs=finetune_epochs,
                    samples=samples, seed=seed, progress=progress and sys.stderr.isatty(), train_data=train_dl,
-                   train_epochs=train_epochs, device=device)
+                   train_epochs=train_epochs, device=device, unseen=unseen)
     seconds = time.perf_counter() - t0
-    info = {"source": manifold_file, "base": base_file or "manifold.sample(1.0)", "data": data_spec,
+    info = {"source": manifold_file, "base": base_file or "manifold.sample(1.0)", "data": data_spec, "unseen": unseen,
             "train images": len(train_dl.data),
             "test images": rows[0]["n"], "finetune epochs": finetune_epochs, "seed": seed,
             "seconds": round(seconds, 1), "morphkit": __version__}

@@ -121,6 +121,7 @@ def compare(
     hessian_samples: int = 128,
     calib_batches: int = 20,
     device: str | torch.device | None = None,
+    unseen: str = "inr",
 ) -> list[dict[str, Any]]:
     """Evaluate every method at every compression; models of one compression have identical sizes.
 
@@ -148,6 +149,8 @@ def compare(
         hessian_samples: Samples averaged by ``hessian``.
         calib_batches: Batches used to recalibrate BatchNorm statistics.
         device: Where fine-tuning and training run.
+        unseen: How ``neumeta`` builds widths below the manifold's trained
+            range: ``"inr"`` or ``"fold"`` (:meth:`~morphkit.Manifold.predict`).
 
     Returns:
         One row per (method, compression): ``method``, ``label`` (method plus
@@ -169,12 +172,14 @@ def compare(
     from morphkit.export import count_params
     from morphkit.fit import evaluate
     from morphkit.graph import as_inputs, find_cliques
-    from morphkit.manifold import Manifold
+    from morphkit.manifold import UNSEEN_MODES, Manifold
     from morphkit.models import arch_of, example_inputs_for, task_of
 
     methods = _parse_methods(methods)
     comps = _parse_compressions(compressions)
     _check_int("finetune_epochs", finetune_epochs, 0)
+    if unseen not in UNSEEN_MODES:
+        raise ConfigError(f"unseen: got {unseen!r}, expected one of {', '.join(map(repr, UNSEEN_MODES))}")
     manifold = manifold_or_model if isinstance(manifold_or_model, Manifold) else None
     if manifold is None and not isinstance(manifold_or_model, nn.Module):
         raise ConfigError(f"compare needs a Manifold or an nn.Module, got {type(manifold_or_model).__name__}")
@@ -232,7 +237,7 @@ def compare(
         ft = 0
         if method == "neumeta":
             net = manifold.sample(width, samples=samples, seed=seed, calib_data=calib,  # type: ignore[union-attr]
-                                  calib_batches=calib_batches)
+                                  calib_batches=calib_batches, unseen=unseen)
         elif method in PRUNE_METHODS:
             ft = finetune_epochs
             net = prune(source, x, width, method, data=score_data, cliques=cliques, batches=batches,
@@ -261,6 +266,8 @@ def compare(
                "seconds": round(seconds, 3)}
         if method in PRUNE_METHODS:
             row["pruned_from"] = source_name
+        if method == "neumeta":
+            row["unseen"] = unseen
         rows.append(row)
         logger.info("%s @ compression %.2f: %s %.4f (%d params)", row["label"], g, metric, row["value"],
                     row["params"])

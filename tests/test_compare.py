@@ -140,3 +140,15 @@ def test_cli_compare_errors(setup, tmp_path):
     res = CliRunner().invoke(main, ["compare", str(d / "m.morph.safetensors"), "--data", "embedded",
                                     "--methods", "l1,bogus", "-o", str(tmp_path / "r")])
     assert res.exit_code == 1 and res.output.startswith("error: unknown method 'bogus'")
+
+
+def test_neumeta_rows_fold_unseen_widths_on_request(setup, rows):
+    manifold, base, train_dl, test_dl, _ = setup
+    folded = compare(manifold, test_dl, ["neumeta"], [0.5, 0.75], base=base, progress=False, unseen="fold")
+    plain = {r["compression"]: r for r in rows if r["method"] == "neumeta"}
+    by = {r["compression"]: r for r in folded}
+    assert all(r["unseen"] == "fold" for r in folded) and plain[0.75]["unseen"] == "inr"
+    assert by[0.5]["value"] == plain[0.5]["value"]  # inside the trained range nothing is folded
+    assert by[0.75]["params"] == plain[0.75]["params"]
+    with pytest.raises(ConfigError, match="unseen"):
+        compare(manifold, test_dl, ["neumeta"], [0.75], base=base, progress=False, unseen="maybe")
