@@ -35,8 +35,16 @@ __all__ = ["resize"]
 logger = logging.getLogger(__name__)
 
 
+#: Largest example input (elements) a model file records for load_model to trace with.
+MAX_INPUT_RECORD = 1 << 26
+
+
 def input_spec(example_inputs: Any) -> dict[str, list] | None:
-    """Shapes and dtypes of example inputs (JSON-ready), or None when they are not all tensors.
+    """Shapes and dtypes of example inputs (JSON-ready), or None when they cannot be recorded.
+
+    A tensor larger than :func:`check_input_spec` accepts is recorded with a
+    leading (batch) dim of 1; None when the inputs are not all tensors or
+    are still too large, so that every record written can be read back.
 
     Example:
         >>> input_spec(torch.zeros(1, 3, 8, 8))
@@ -45,7 +53,13 @@ def input_spec(example_inputs: Any) -> dict[str, list] | None:
     inputs = as_inputs(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         return None
-    return {"shapes": [list(t.shape) for t in inputs], "dtypes": [str(t.dtype).removeprefix("torch.") for t in inputs]}
+    shapes = [list(t.shape) if t.numel() <= MAX_INPUT_RECORD else [1, *t.shape[1:]] for t in inputs]
+    spec = {"shapes": shapes, "dtypes": [str(t.dtype).removeprefix("torch.") for t in inputs]}
+    try:
+        check_input_spec(spec)
+    except ValueError:
+        return None
+    return spec
 
 
 def check_input_spec(spec: Any) -> None:
@@ -59,7 +73,7 @@ def check_input_spec(spec: Any) -> None:
     ok = (isinstance(shapes, list) and isinstance(dtypes, list) and 1 <= len(shapes) == len(dtypes) <= 16
           and all(isinstance(s, list) and 1 <= len(s) <= 8
                   and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16 for v in s)
-                  and math.prod(s) <= 1 << 26 for s in shapes)
+                  and math.prod(s) <= MAX_INPUT_RECORD for s in shapes)
           and all(isinstance(d, str) and isinstance(getattr(torch, d, None), torch.dtype) for d in dtypes))
     if not ok:
         raise ValueError(f"input record {spec!r:.200} is not 1 to 16 (shape, dtype) pairs of small positive "

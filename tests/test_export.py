@@ -158,3 +158,15 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         write_tensors({"x": torch.ones(2)}, {"format": "demo/1"}, tmp_path / "no" / "dir.safetensors")
     tensors, meta = read_tensors(p)
     assert json.dumps(meta) and torch.equal(tensors["x"], torch.ones(2))
+
+
+def test_input_record_is_always_readable_back():
+    from morphkit.resize import MAX_INPUT_RECORD, check_input_spec, input_spec
+
+    big = torch.empty((512, 3, 224, 224), device="meta")  # a large batch over the cap (no memory on "meta")
+    assert big.numel() > MAX_INPUT_RECORD
+    spec = input_spec(big)
+    assert spec["shapes"] == [[1, 3, 224, 224]]  # recorded with batch 1, so load_model can read it back
+    check_input_spec(spec)
+    assert input_spec(torch.empty((1, 1 << 14, 1 << 13), device="meta")) is None  # too large even at batch 1
+    assert input_spec(({"x": 1},)) is None
