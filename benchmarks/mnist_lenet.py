@@ -24,6 +24,7 @@ from _common import DATA, RESULTS, machine, write
 
 import morphkit as mk
 from morphkit.data import load_data, make_loaders
+from morphkit.manifold import FOLD_SOURCES
 
 COMPRESSIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
@@ -128,7 +129,7 @@ def main() -> None:
                   f"{fold} | {r['params']:,} | {'yes' if r['trained'] else '**no**'} | {r['sample_seconds']} |")
     md += ["", "Accuracy columns ask the INR at each width (`sample(..., unseen=\"inr\")`, the default). "
            "*Folded*: a width below the trained range built with `unseen=\"fold\"`: predicted at "
-           f"{len(manifold.fold_sources(manifold.width_map(0.125)))} trained widths and merged down with the "
+           f"{FOLD_SOURCES} trained widths and merged down with the "
            "base's box filter, averaged (\"-\": inside the trained range, where both are the same)."]
     if ablations:
         md += ["", f"Ablations ({args.ablation_steps} steps each, same base, K = {args.samples}):", "",

@@ -18,6 +18,7 @@ from _common import DATA, RESULTS, machine, write
 
 import morphkit as mk
 from morphkit.data import load_data, make_loaders
+from morphkit.manifold import FOLD_SOURCES
 
 #: manifold file stem -> (data spec, written by)
 MANIFOLDS = {
@@ -64,7 +65,8 @@ def main() -> None:
           f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; torch "
           f"{result['machine']['torch']}; {result['machine']['date']}  ",
           f"K = {args.samples} samples, full test split. *inr*: `sample(w, unseen=\"inr\")` (the default); *fold*: "
-          "`sample(w, unseen=\"fold\")`, four trained widths merged down with the base's box filter and averaged.",
+          f"`sample(w, unseen=\"fold\")`, {FOLD_SOURCES} trained widths merged down with the base's box filter and "
+          "averaged.",
           "", "| manifold | base jitter | trained compression | compression | inr | fold | fold - inr | "
           "sample s (inr / fold) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
