@@ -9,6 +9,7 @@ and what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "MAX_MESSAGE_CHARS",
     "MorphkitError",
     "ConfigError",
     "UnsupportedModelError",
@@ -18,8 +19,23 @@ __all__ = [
 ]
 
 
+#: Longest message an error carries (characters); the rest is cut with a note. Messages quote input
+#: (file metadata, arguments), which must not turn into megabytes of terminal output.
+MAX_MESSAGE_CHARS = 2000
+
+
 class MorphkitError(Exception):
-    """Base class of every error morphkit raises on bad input or state."""
+    """Base class of every error morphkit raises on bad input or state.
+
+    A message longer than ``MAX_MESSAGE_CHARS`` is cut, saying how much was cut.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if args and isinstance(args[0], str) and len(args[0]) > MAX_MESSAGE_CHARS:
+            text = args[0]
+            keep = MAX_MESSAGE_CHARS - 40
+            args = (text[:keep] + f" ... ({len(text) - keep} more characters)", *args[1:])
+        super().__init__(*args)
 
 
 class ConfigError(MorphkitError, ValueError):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,16 @@ from morphkit import __version__
 from morphkit._io import read_tensors, write_tensors
 from morphkit.errors import CheckpointError, ConfigError, MorphkitError
 from morphkit.formats import MODEL_FORMAT, format_tag
-from morphkit.models import arch_of, build_from_arch, check_arch
+from morphkit.models import _constructor, arch_of, build_from_arch
+from morphkit.untrusted import (  # noqa: F401 - the bounds and readers used to live here
+    MAX_BASE_RATIO,
+    MAX_FREE_ELEMENTS,
+    check_arch,
+    check_fits,
+    check_model_meta,
+    probe_shapes,
+)
+from morphkit.untrusted import describe_mismatch as _mismatch
 
 __all__ = ["save_model", "load_model", "model_info", "count_params", "check_model_meta", "rebuild_base"]
 
@@ -72,12 +80,6 @@ def save_model(model: nn.Module, path: str | Path, **metadata: Any) -> None:
     logger.info("wrote %s (%d params)", path, meta["params"])
 
 
-#: A base rebuilt from a file's ``arch`` may be this many times larger than the file's tensors
-#: (a model resized to 1/64 width), or up to ``MAX_FREE_ELEMENTS``; more means a corrupt ``arch``.
-MAX_BASE_RATIO = 4096
-MAX_FREE_ELEMENTS = 1 << 28
-
-
 def model_info(path: str | Path) -> dict[str, Any]:
     """Read a model file's metadata without building the model.
 
@@ -93,62 +95,15 @@ def model_info(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def check_model_meta(meta: dict[str, Any], path: str | Path) -> None:
-    """Check the types of a model file's metadata fields (``format`` is checked on read).
-
-    Raises:
-        CheckpointError: a field of the wrong type or value, naming it.
-    """
-    def bad(field: str, expected: str) -> CheckpointError:
-        return CheckpointError(f"{str(path)!r}: metadata field {field!r} is {meta.get(field)!r:.100}, expected "
-                               f"{expected}; the file is corrupt or was edited — write it again")
-
-    arch = meta.get("arch")
-    if arch is not None:
-        try:
-            check_arch(arch)
-        except MorphkitError as e:
-            raise CheckpointError(f"{str(path)!r}: metadata field 'arch' is malformed: {e}") from e
-    widths = meta.get("widths")
-    if widths is not None and not (isinstance(widths, dict) and all(
-            _is_int_key(k) and _is_int(v) and v >= 1 for k, v in widths.items())):
-        raise bad("widths", "null or {clique_id: channels >= 1}")
-    if meta.get("inputs") is not None:
-        from morphkit.resize import check_input_spec
-
-        try:
-            check_input_spec(meta["inputs"])
-        except ValueError as e:
-            raise CheckpointError(f"{str(path)!r}: metadata field 'inputs' is malformed: {e}; the file is corrupt "
-                                  "or was edited — write it again") from e
-    shapes = meta.get("shapes")
-    if shapes is not None and not (isinstance(shapes, dict) and all(
-            isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v) for v in shapes.values())):
-        raise bad("shapes", "{key: [dims >= 0]}")
-    for field, kind, expected in (("fused_bn", bool, "true or false"), ("user", dict, "a JSON object"),
-                                  ("class", str, "a string"), ("morphkit_version", str, "a string")):
-        if meta.get(field) is not None and not isinstance(meta[field], kind):
-            raise bad(field, expected)
-    if meta.get("params") is not None and not (_is_int(meta["params"]) and meta["params"] >= 0):
-        raise bad("params", "an int >= 0")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_int_key(k: str) -> bool:
-    return k.isascii() and k.lstrip("-").isdigit()
-
-
 def rebuild_base(arch: dict[str, Any], path: str | Path, shapes: dict[str, tuple[int, ...]], *,
                  exact: bool) -> nn.Module:
     """Build the base model a file's ``arch`` describes, checking it against the file's tensors.
 
-    When ``arch`` has constructor arguments (which could ask for any size), the
-    model is first built on the meta device (no memory) and compared with the
-    file: the same keys, and shapes equal (``exact``) or no larger (a resized
-    model), and no more than ``MAX_BASE_RATIO`` times the file's size.
+    The arch is checked against the allow-list, then the model is built on the
+    meta device (no memory) and compared with the file
+    (:func:`morphkit.untrusted.check_fits`): the same keys, shapes equal
+    (``exact``) or no larger (a resized model), and no more than
+    ``MAX_BASE_RATIO`` times the file's size. Only then is it built for real.
 
     Args:
         arch: The file's ``arch`` (already type-checked).
@@ -159,53 +114,18 @@ def rebuild_base(arch: dict[str, Any], path: str | Path, shapes: dict[str, tuple
     Raises:
         CheckpointError: the architecture cannot be built or does not fit the file.
     """
-    if arch.get("kwargs"):
-        try:
-            with torch.device("meta"):
-                probe = build_from_arch(arch)
-        except Exception:  # noqa: BLE001 - some constructors cannot run on the meta device; built below
-            probe = None
-        if probe is not None:
-            _check_fits({k: tuple(v.shape) for k, v in probe.state_dict().items()}, shapes, path, exact)
+    try:
+        check_arch(arch)
+        kwargs = dict(arch.get("kwargs") or {})
+        probe = probe_shapes(_constructor(arch["source"], arch["name"], kwargs), f"{arch['source']}:{arch['name']}",
+                             strict=True)
+    except MorphkitError as e:
+        raise CheckpointError(f"{str(path)!r}: cannot rebuild its architecture: {e}") from e
+    check_fits(probe or {}, shapes, path, exact)
     try:
         return build_from_arch(arch)
     except MorphkitError as e:
         raise CheckpointError(f"{str(path)!r}: cannot rebuild its architecture: {e}") from e
-
-
-def _check_fits(state: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], path: str | Path,
-                exact: bool) -> None:
-    missing = sorted(set(state) - set(shapes))
-    unexpected = sorted(set(shapes) - set(state))
-
-    def differs(k: str) -> bool:
-        if exact:
-            return tuple(state[k]) != tuple(shapes[k])
-        return len(state[k]) != len(shapes[k]) or any(f > b for f, b in zip(shapes[k], state[k]))
-
-    wrong = sorted(k for k in set(state) & set(shapes) if differs(k))
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{str(path)!r} does not fit the architecture it names "
-                              f"({_mismatch(missing, unexpected, wrong, shapes, state)}); the file is corrupt, "
-                              "or pass the matching base=")
-    base_n = sum(math.prod(s) for s in state.values())
-    file_n = sum(math.prod(s) for s in shapes.values())
-    if base_n > max(MAX_FREE_ELEMENTS, MAX_BASE_RATIO * file_n):
-        raise CheckpointError(f"{str(path)!r}: its architecture would hold {base_n:,} values for {file_n:,} in the "
-                              "file; its 'arch' metadata is corrupt (pass base= to rebuild it yourself)")
-
-
-def _mismatch(missing: list[str], unexpected: list[str], wrong: list[str], file: dict[str, Any],
-              model: dict[str, Any]) -> str:
-    parts = []
-    if missing:
-        parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    if wrong:
-        k = wrong[0]
-        parts.append(f"{len(wrong)} shape mismatches, e.g. {k}: file {tuple(file[k])} vs model {tuple(model[k])}")
-    return "; ".join(parts)
 
 
 def load_model(path: str | Path, base: nn.Module | None = None) -> nn.Module:

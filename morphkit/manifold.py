@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,17 @@ from morphkit import __version__
 from morphkit._io import read_tensors, write_tensors
 from morphkit.clique import Clique, width_map
 from morphkit.config import MorphConfig
-from morphkit.coords import CoordBuilder, CoordTable, DimSpec, TensorLayout, WidthMap, _dims_of, resize_static
+from morphkit.coords import CoordBuilder, CoordTable, TensorLayout, WidthMap, _dims_of, resize_static
 from morphkit.errors import CheckpointError, ConfigError, MorphkitError
 from morphkit.formats import MANIFOLD_FORMAT, format_tag
 from morphkit.inr import INR, box_merge
+from morphkit.untrusted import (  # noqa: F401 - CALIB_KEY, MAX_CALIB_ELEMENTS re-exported
+    CALIB_KEY,
+    MAX_CALIB_ELEMENTS,
+    check_structure,
+    describe_mismatch,
+    parse_manifold_meta,
+)
 
 __all__ = ["Manifold", "predict_tensors", "as_inputs", "build_inr", "factor_ranks", "recalibrate_bn"]
 
@@ -36,6 +42,9 @@ ROWS_PER_CHUNK = 1 << 18  # rows through the trunk at once when sampling (~256 M
 UNSEEN_MODES = ("inr", "fold")
 #: Trained width maps averaged when a width below the trained range is folded (Manifold.fold_sources).
 FOLD_SOURCES = 4
+# CALIB_KEY (the stored calibration inputs' key) and MAX_CALIB_ELEMENTS (their bound) live in
+# morphkit.untrusted, which checks them when a file is read.
+CALIB_BATCH = 256  # stored calibration inputs per forward pass
 
 
 def fold_rows(rows: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
@@ -145,12 +154,16 @@ class Manifold:
             written before 0.2 do not, and their ``base`` is freshly initialised).
         config: The :class:`MorphConfig` it was trained with.
         info: Training record (history, timings, base metrics).
+        calib: Training inputs ``(N, ...)`` (float16 in files) that recompute the
+            running statistics of kept BatchNorms at each sampled width; None
+            when the model has none or none were stored.
     """
 
     def __init__(self, inr: INR, cliques: list[Clique], layouts: list[TensorLayout],
                  static: dict[str, torch.Tensor], base: nn.Module, example_inputs: Any,
                  config: MorphConfig, arch: dict | None, perms: dict[int, list[int]] | None = None,
-                 info: dict | None = None, fused_bn: bool = False, base_is_trained: bool = True) -> None:
+                 info: dict | None = None, fused_bn: bool = False, base_is_trained: bool = True,
+                 calib: torch.Tensor | None = None) -> None:
         self.inr = inr.eval()
         self.cliques = cliques
         self.layouts = layouts
@@ -164,6 +177,7 @@ class Manifold:
         self.info = info or {}
         self.fused_bn = fused_bn
         self.base_is_trained = base_is_trained
+        self.calib = calib
         self._dims = _dims_of(cliques)
         self._templates: dict[tuple, nn.Module] = {}
 
@@ -180,6 +194,28 @@ class Manifold:
             out[c.id] = {"size": c.size, "fixed": c.fixed,
                          "trained": [c.channels_for(1 - hi), c.size] if not c.fixed else [c.size, c.size]}
         return out
+
+    def untrained(self, counts: WidthMap) -> list[int]:
+        """Ids of the cliques narrower in ``counts`` than training ever made them (extrapolated widths).
+
+        Example:
+            >>> manifold.untrained(manifold.width_map(0.1))[:3]  # doctest: +SKIP
+            [0, 1, 2]
+        """
+        high = self.config.train.compression[1]
+        return [c.id for c in self.cliques if not c.fixed and counts[c.id] < c.channels_for(1 - high)]
+
+    def _warn_untrained(self, counts: WidthMap) -> None:
+        below = self.untrained(counts)
+        if below:
+            lo, hi = self.config.train.compression
+            c = next(c for c in self.cliques if c.id == below[0])
+            logger.warning("width outside the trained range: %d of %d resizable cliques are narrower than "
+                           "compression %g made them in training (clique %d: %d channels, trained down to %d); "
+                           "such weights are extrapolated and can be much worse; morph with a wider range "
+                           "(train.compression = [%g, HIGH], --compression-range) to train them",
+                           len(below), sum(not q.fixed for q in self.cliques), hi, c.id, counts[c.id],
+                           c.channels_for(1 - hi), lo)
 
     # -------------------------------------------------------------- structure
     def template(self, counts: WidthMap) -> nn.Module:
@@ -311,11 +347,16 @@ class Manifold:
                 ``max(1, round(size * width))`` channels) or ``{clique_id: channels}``.
             samples: K noisy coordinate draws averaged (first clean); default ``config.samples`` (50).
             seed: Seed of the noise draws (same seed, same weights).
-            calib_data: Batches to recalibrate BatchNorm statistics that fusion
-                could not fold (ignored when every BN was folded).
+            calib_data: Batches to recalibrate the statistics of BatchNorms that
+                are not folded; default the manifold's stored calibration inputs
+                (:attr:`calib`). Ignored when every BN was folded.
             calib_batches: How many batches of ``calib_data`` to use.
             unseen: ``"inr"`` (default) or ``"fold"``: how widths narrower than
                 the trained range are built (see :meth:`predict`).
+
+        At full width (every clique at its size) the stored base model is
+        returned exactly, not the INR's reconstruction of it; a width
+        narrower than the trained range logs a warning (:meth:`untrained`).
 
         Returns:
             An ``nn.Module`` in eval mode with ``morphkit_arch`` and ``morphkit_widths`` set.
@@ -325,12 +366,22 @@ class Manifold:
             >>> net = manifold.sample({3: 24}, samples=10)  # doctest: +SKIP
         """
         counts = self.width_map(width)
-        state = {**self.static_tensors(counts), **self.predict(counts, samples=samples, seed=seed, unseen=unseen)}
-        net = copy.deepcopy(self.template(counts))
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as e:  # an internal inconsistency, not user input
-            raise MorphkitError(f"sampled tensors do not fit the resized model: {e}") from e
+        if self.base_is_trained and all(counts[c.id] == c.size for c in self.cliques):
+            net = copy.deepcopy(self.base)  # full width: the base itself (its own BatchNorm statistics)
+            calib_data = None
+        else:
+            self._warn_untrained(counts)
+            state = {**self.static_tensors(counts), **self.predict(counts, samples=samples, seed=seed,
+                                                                  unseen=unseen)}
+            net = copy.deepcopy(self.template(counts))
+            try:
+                net.load_state_dict(state, strict=True)
+            except RuntimeError as e:  # an internal inconsistency, not user input
+                raise MorphkitError(f"sampled tensors do not fit the resized model: {e}") from e
+            if calib_data is None and self.calib is not None and not self.fused_bn:
+                dtype = self.example_inputs[0].dtype
+                calib_data = [c.to(dtype) for c in self.calib.split(CALIB_BATCH)]
+                calib_batches = len(calib_data)
         net.morphkit_arch = copy.deepcopy(self.arch)
         net.morphkit_widths = dict(counts)
         net.morphkit_fused_bn = self.fused_bn
@@ -349,8 +400,10 @@ class Manifold:
             "predicted_tensors": len(self.layouts),
             "static_tensors": len(self.static),
             "compression_trained": list(self.config.train.compression),
+            "batchnorm": "folded" if self.fused_bn else "kept (statistics recomputed per width)",
+            "calibration_inputs": 0 if self.calib is None else int(self.calib.shape[0]),
             "base_params": sum(t.numel() for t in self.base.state_dict().values()),
-            **{k: v for k, v in self.info.items() if k in ("base_metrics", "seconds", "steps")},
+            **{k: v for k, v in self.info.items() if k in ("base_metrics", "final", "seconds", "steps")},
         }
 
     def save(self, path: str | Path) -> None:
@@ -360,6 +413,8 @@ class Manifold:
         if self.base_is_trained:  # the base's predicted tensors, for baselines and reconstruction checks
             state = self.base.state_dict()
             tensors.update({f"base.{lt.name}": state[lt.name] for lt in self.layouts})
+        if self.calib is not None:
+            tensors[CALIB_KEY] = self.calib.to(torch.float16 if self.calib.abs().max() < 6e4 else torch.float32)
         meta = {
             "format": format_tag(MANIFOLD_FORMAT),
             "morphkit_version": __version__,
@@ -444,13 +499,14 @@ class Manifold:
                                       "the base model; the file is corrupt or was edited — write it again")
             model.load_state_dict({**static, **stored}, strict=False)
         return cls(inr, p["cliques"], p["layouts"], static, model, p["example"], p["config"], p["arch"],
-                   p["perms"], info=p["info"], fused_bn=p["fused_bn"], base_is_trained=bool(stored))
+                   p["perms"], info=p["info"], fused_bn=p["fused_bn"], base_is_trained=bool(stored),
+                   calib=None if p["calib"] is None else p["calib"].float())
 
 
 # ------------------------------------------------------------------ reading files
-
-#: dtypes an example input may have in a manifold file.
-INPUT_DTYPES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+# What a manifold file's metadata may say is checked in morphkit.untrusted (one place for every reader).
+_parse_meta = parse_manifold_meta
+_check_structure = check_structure
 
 
 def _brief(e: BaseException) -> str:
@@ -458,132 +514,9 @@ def _brief(e: BaseException) -> str:
     return text[:300]
 
 
-def _need(cond: bool, what: str, got: Any, expected: str) -> None:
-    if not cond:
-        raise ConfigError(f"{what}: got {got!r:.80}, expected {expected}")
-
-
-def _is_int(v: Any, lo: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
-def _parse_meta(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Every field of a manifold's metadata, type-checked (ConfigError / KeyError / TypeError on failure)."""
-    from morphkit.models import MAX_INPUT_ELEMENTS, check_arch
-
-    for key in ("config", "cliques", "layouts", "static", "input_shapes", "input_dtypes"):
-        _need(key in meta, "field", key, "present (the file lacks it)")
-    config = MorphConfig.from_dict(meta["config"])
-    _need(isinstance(meta["cliques"], list), "cliques", meta["cliques"], "a list")
-    cliques = [Clique.from_json(c) for c in meta["cliques"]]
-    ids = [c.id for c in cliques]
-    _need(len(set(ids)) == len(ids), "clique ids", ids, "unique ids")
-    members = {(m.name, m.dim): m for c in cliques for m in c.members}
-    _need(isinstance(meta["layouts"], list), "layouts", meta["layouts"], "a list")
-    layouts = [_layout_from_json(d, members) for d in meta["layouts"]]
-    names = [lt.name for lt in layouts]
-    _need(len(set(names)) == len(names), "layout names", names, "unique tensor names")
-    static = meta["static"]
-    _need(isinstance(static, list) and all(isinstance(n, str) for n in static) and len(set(static)) == len(static)
-          and not set(static) & set(names), "static", static, "unique tensor names, none of them predicted")
-    missing = [n for n in static if f"static.{n}" not in tensors]
-    _need(not missing, "static tensors", missing, "stored in the file as static.NAME")
-    known = {f"static.{n}" for n in static}
-    known |= {f"base.{n}" for n in names}
-    stray = sorted(k for k in tensors if k not in known and not k.startswith("inr."))
-    _need(not stray, "tensors", stray, "only inr.*, base.* of predicted tensors and the listed static.* tensors")
-    sizes = {c.id: c.size for c in cliques}
-    perms_raw = meta.get("perms") or {}
-    _need(isinstance(perms_raw, dict), "perms", perms_raw, "{clique_id: permutation}")
-    perms = {}
-    for k, v in perms_raw.items():
-        cid = int(k) if k.isascii() and k.isdigit() else None
-        _need(cid in sizes, "perms key", k, f"a clique id from {sorted(sizes)}")
-        _need(isinstance(v, list) and all(_is_int(i) for i in v) and sorted(v) == list(range(sizes[cid])),
-              f"perms[{k}]", v, f"a permutation of range({sizes[cid]})")
-        perms[cid] = v
-    shapes, dtypes = meta["input_shapes"], meta["input_dtypes"]
-    _need(isinstance(shapes, list) and isinstance(dtypes, list) and 1 <= len(shapes) == len(dtypes) <= 16,
-          "input_shapes / input_dtypes", (shapes, dtypes), "two lists of the same length (1 to 16)")
-    for s, dt in zip(shapes, dtypes):
-        _need(isinstance(s, list) and 1 <= len(s) <= 8 and all(_is_int(d, 1) for d in s)
-              and math.prod(s) <= MAX_INPUT_ELEMENTS, "input shape", s,
-              f"1 to 8 positive ints, at most {MAX_INPUT_ELEMENTS} elements")
-        _need(dt in INPUT_DTYPES, "input dtype", dt, f"one of {sorted(INPUT_DTYPES)}")
-    gen = torch.Generator().manual_seed(0)
-    example = tuple(torch.randn(*s, generator=gen).to(getattr(torch, dt)) for s, dt in zip(shapes, dtypes))
-    arch = meta.get("arch")
-    if arch is not None:
-        check_arch(arch)
-    info = meta.get("info") or {}
-    _need(isinstance(info, dict), "info", info, "a JSON object")
-    fused = meta.get("fused_bn", False)
-    _need(isinstance(fused, bool), "fused_bn", fused, "true or false")
-    return {"config": config, "cliques": cliques, "layouts": layouts, "static": static, "perms": perms,
-            "example": example, "arch": arch, "info": info, "fused_bn": fused}
-
-
-def _layout_from_json(d: Any, members: dict[tuple[str, int], Any]) -> TensorLayout:
-    _need(isinstance(d, dict), "layout", d, "a JSON object")
-    name, shape, rows = d.get("name"), d.get("shape"), d.get("rows")
-    _need(isinstance(name, str), "layout name", name, "a string")
-    _need(isinstance(shape, list) and len(shape) <= 8 and all(_is_int(s) for s in shape), f"layout {name} shape",
-          shape, "a list of ints >= 0")
-    for key in ("layer", "role"):
-        _need(_is_int(d.get(key)), f"layout {name} {key}", d.get(key), "an int >= 0")
-    scale = d.get("scale")
-    _need(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0,
-          f"layout {name} scale", scale, "a finite float > 0")
-    _need(isinstance(rows, list) and 1 <= len(rows) <= 2, f"layout {name} rows", rows, "a list of 1 or 2 dims")
-    specs = []
-    for r in rows:
-        _need(isinstance(r, dict), f"layout {name} row", r, "a JSON object")
-        for key, lo in (("dim", 0), ("clique", 0), ("multiplicity", 1), ("size", 1)):
-            _need(_is_int(r.get(key), lo), f"layout {name} row {key}", r.get(key), f"an int >= {lo}")
-        _need(isinstance(r.get("resizable"), bool), f"layout {name} row resizable", r.get("resizable"),
-              "true or false")
-        m = members.get((name, r["dim"]))
-        _need(m is not None, f"layout {name} row dim", r["dim"], "a dim that one of the cliques indexes")
-        specs.append(DimSpec(r["dim"], r["clique"], m.index, r["multiplicity"], r["size"], r["resizable"]))
-    dims = [r.dim for r in specs]
-    _need(dims == sorted(set(dims)) and dims[-1] < len(shape), f"layout {name} row dims", dims,
-          f"increasing dims of its {len(shape)}-d tensor")
-    return TensorLayout(name, tuple(shape), tuple(specs), d["layer"], d["role"], float(scale))
-
-
-def _check_structure(cliques: list[Clique], layouts: list[TensorLayout], shapes: dict[str, tuple[int, ...]]) -> None:
-    """Cliques and layouts against the base model's shapes; ValueError names the first inconsistency."""
-    from morphkit.coords import _multiplicity
-
-    owner: dict[tuple[str, int], Clique] = {}
-    for c in cliques:
-        for m in c.members:
-            if m.name not in shapes:
-                raise ValueError(f"clique {c.id} names tensor {m.name!r}, which the model does not have")
-            s = shapes[m.name]
-            if m.dim >= len(s):
-                raise ValueError(f"clique {c.id} indexes dim {m.dim} of {m.name!r}, which is {len(s)}-d")
-            n = s[m.dim]
-            if m.index is None and n > c.size:
-                raise ValueError(f"clique {c.id} ({c.size} channels) maps {m.name!r} dim {m.dim} of {n} one to one")
-            if m.index is not None and (len(m.index) != n or any(not -1 <= i < c.size for i in m.index)):
-                raise ValueError(f"clique {c.id}: the index map of {m.name!r} dim {m.dim} does not fit {n} "
-                                 f"positions and {c.size} channels")
-            owner[(m.name, m.dim)] = c
-    for lt in layouts:
-        for r in lt.rows:
-            c = owner[(lt.name, r.dim)]
-            mult = _multiplicity(r.index, c.size, lt.shape[r.dim])
-            if (r.clique, r.size, r.resizable, r.multiplicity) != (c.id, c.size, not c.fixed, mult):
-                raise ValueError(f"layout {lt.name!r} dim {r.dim} disagrees with clique {c.id} (clique {r.clique}, "
-                                 f"size {r.size}, multiplicity {r.multiplicity}, resizable {r.resizable})")
-
-
 def _load_inr(layouts: list[TensorLayout], config: MorphConfig, tensors: dict[str, torch.Tensor],
               path: str | Path) -> INR:
     """The INR, its shapes checked on the meta device (no memory) before it is built and loaded."""
-    from morphkit.export import _mismatch
-
     got = {k[4:]: v for k, v in tensors.items() if k.startswith("inr.")}
     with torch.device("meta"):
         probe = build_inr(layouts, config)
@@ -593,7 +526,7 @@ def _load_inr(layouts: list[TensorLayout], config: MorphConfig, tensors: dict[st
         missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
         raise CheckpointError(f"{str(path)!r}: INR weights do not match its config "
-                              f"({_mismatch(missing, unexpected, wrong, have, want)}); the file is corrupt")
+                              f"({describe_mismatch(missing, unexpected, wrong, have, want)}); the file is corrupt")
     bad = sorted(k for k, v in got.items() if not v.is_floating_point() or v.is_complex())
     if bad:
         raise CheckpointError(f"{str(path)!r}: INR tensor {bad[0]!r} is {got[bad[0]].dtype}, expected a real "

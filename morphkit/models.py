@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from morphkit.errors import UnsupportedModelError
+from morphkit.errors import MorphkitError, UnsupportedModelError
+from morphkit.untrusted import MAX_INPUT_ELEMENTS, check_arch, probe_shapes  # noqa: F401 - re-exported
 
 __all__ = [
     "LeNet5",
@@ -268,67 +268,50 @@ def parse_spec(spec: str) -> dict[str, Any]:
     return {"source": "morphkit", "name": name, "kwargs": kwargs}
 
 
-#: Largest example input (elements) an ``arch`` may ask for; larger is a corrupt or mistaken shape.
-MAX_INPUT_ELEMENTS = 1 << 26
+def build_from_arch(arch: dict[str, Any]) -> nn.Module:
+    """Build a freshly initialised model from an ``arch`` dict (see :func:`parse_spec`).
 
-
-def check_arch(arch: Any) -> None:
-    """Validate the types of an ``arch`` dict (from a file or a caller) before building from it.
+    The arch is checked first (:func:`morphkit.untrusted.check_arch`: the
+    allow-list of constructor arguments), then the model is sized on the meta
+    device and refused above ``MAX_MODEL_ELEMENTS`` values before any memory is
+    allocated.
 
     Raises:
-        UnsupportedModelError: not a dict, ``source``/``name`` not strings,
-            ``kwargs`` not a dict, or ``input_shape`` not a short list of positive ints.
+        UnsupportedModelError: a malformed arch, an argument off the allow-list,
+            an unknown name, arguments the constructor rejects, or a model too
+            large (or, with arguments, one that cannot be sized first).
     """
-    if not isinstance(arch, dict):
-        raise UnsupportedModelError(f"arch must be a dict like {{'source': 'morphkit', 'name': 'lenet5'}}, "
-                                    f"got {type(arch).__name__} {arch!r:.80}")
-    for key in ("source", "name"):
-        if not isinstance(arch.get(key), str):
-            raise UnsupportedModelError(f"arch[{key!r}] must be a string, got {arch.get(key)!r:.80}")
-    if not isinstance(arch.get("kwargs") or {}, dict):
-        raise UnsupportedModelError(f"arch['kwargs'] must be a dict of constructor arguments, got "
-                                    f"{arch.get('kwargs')!r:.80}")
-    shape = arch.get("input_shape")
-    if shape is not None:
-        ok = (isinstance(shape, (list, tuple)) and 1 <= len(shape) <= 8
-              and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape))
-        if not ok or math.prod(shape) > MAX_INPUT_ELEMENTS:
-            raise UnsupportedModelError(f"arch['input_shape'] must be a list of 1 to 8 positive ints (C, H, W) "
-                                        f"of at most {MAX_INPUT_ELEMENTS} elements, got {shape!r:.80}")
-
-
-def build_from_arch(arch: dict[str, Any]) -> nn.Module:
-    """Build a freshly initialised model from an ``arch`` dict (see :func:`parse_spec`)."""
     check_arch(arch)
     source, name = arch["source"], arch["name"]
     kwargs = dict(arch.get("kwargs") or {})
-    if source == "morphkit":
-        if name not in REGISTRY:
-            raise UnsupportedModelError(f"unknown morphkit model {name!r}; expected one of {sorted(REGISTRY)}")
-        try:
-            model = REGISTRY[name].factory(**kwargs)
-        except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as e:  # bad or huge kwargs
-            raise UnsupportedModelError(f"bad arguments {kwargs!r:.200} for model {name!r}: "
-                                        f"{type(e).__name__}: {str(e)[:200]}") from e
-    elif source == "timm":
-        try:
-            import timm
-        except ImportError as e:  # pragma: no cover - timm is a dependency
-            raise UnsupportedModelError("timm models need the 'timm' package: pip install timm") from e
-        if not timm.is_model(name):
-            raise UnsupportedModelError(
-                f"unknown timm model {name!r}; see timm.list_models() for valid names")
-        try:
-            model = timm.create_model(name, pretrained=False, **kwargs)
-        except Exception as e:  # timm raises many kinds on bad kwargs
-            raise UnsupportedModelError(f"timm could not build {name!r} with {kwargs}: {e}") from e
-    else:
-        raise UnsupportedModelError(
-            f"cannot rebuild a model from arch {arch!r}: source must be 'morphkit' or 'timm'; "
-            "for your own class pass base=YourModel() to load_model")
+    build = _constructor(source, name, kwargs)
+    probe_shapes(build, f"{source}:{name} {kwargs}" if kwargs else f"{source}:{name}", strict=bool(kwargs))
+    try:
+        model = build()
+    except MorphkitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - constructors raise many kinds on bad arguments
+        raise UnsupportedModelError(f"cannot build {source}:{name} with arguments {kwargs!r:.200}: "
+                                    f"{type(e).__name__}: {str(e)[:200]}") from e
     model.morphkit_arch = {"source": source, "name": name, "kwargs": kwargs,
                            "input_shape": list(arch.get("input_shape") or _input_shape(source, name, model))}
     return model
+
+
+def _constructor(source: str, name: str, kwargs: dict[str, Any]) -> Callable[[], nn.Module]:
+    """A function that builds the (checked) arch; raises for an unknown name."""
+    if source == "morphkit":
+        if name not in REGISTRY:
+            raise UnsupportedModelError(f"unknown morphkit model {name!r}; expected one of {sorted(REGISTRY)}")
+        return lambda: REGISTRY[name].factory(**kwargs)
+    try:
+        import timm
+    except ImportError as e:  # pragma: no cover - timm is a dependency
+        raise UnsupportedModelError("timm models need the 'timm' package: pip install timm") from e
+    if not timm.is_model(name):
+        raise UnsupportedModelError(f"unknown timm model {name!r}; see timm.list_models() for valid names")
+    # pretrained=False and no path argument (check_arch): nothing is downloaded or read from disk
+    return lambda: timm.create_model(name, pretrained=False, **kwargs)
 
 
 def build_model(spec: str) -> nn.Module:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -209,7 +210,7 @@ def test_example_inputs_not_tensors(lenet):
 
 @pytest.mark.parametrize("spec,fragments", [
     ("mlp?hidden=[-1]", ["bad arguments", "'hidden': [-1]", "negative dimension"]),
-    ("lenet5?colour=1", ["bad arguments", "unexpected keyword argument 'colour'"]),
+    ("lenet5?colour=1", ["model argument 'colour' is not allowed", "allowed: in_channels, num_classes"]),
     ("lenet6", ["unknown model 'lenet6'", "expected one of"]),
     ("", ["model spec must be a non-empty string, got ''"]),
 ])
@@ -329,9 +330,12 @@ MALFORMED = {  # valid checksum, malicious metadata: what the checks behind the 
     "model widths not a map": ("model", lambda d: _with_meta(d, widths="half"),
                                ["metadata field 'widths' is 'half'", "expected null or {clique_id"]),
     "model arch not a dict": ("model", lambda d: _with_meta(d, arch=5), ["'arch' is malformed", "got int 5"]),
+    "model arch large kwargs": ("base", lambda d: _with_meta(d, arch={"source": "morphkit", "name": "lenet5",
+                                                                      "kwargs": {"num_classes": 10**6}}),
+                                ["does not fit the architecture it names", "file (10,) vs model (1000000,)"]),
     "model arch huge kwargs": ("base", lambda d: _with_meta(d, arch={"source": "morphkit", "name": "lenet5",
                                                                      "kwargs": {"num_classes": 10**9}}),
-                               ["does not fit the architecture it names", "file (10,) vs model (1000000000,)"]),
+                               ["'arch' is malformed or not allowed", "'num_classes' = 1000000000 is not allowed"]),
     "model user not a dict": ("model", lambda d: _with_meta(d, user=[1]), ["metadata field 'user' is [1]"]),
     "model tensor dtype": ("base", lambda d: rewrite({k: v.long() if k == "fc1.bias" else v
                                                       for k, v in parts(d)[0].items()}, parts(d)[1]),
@@ -504,3 +508,145 @@ def test_reading_never_writes(files):
     mk.Manifold.load(files / "manifold.safetensors")
     assert snapshot(files) == before
     assert json.dumps(mk.model_info(files / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------- nothing executed from a file
+
+_WATCHED: set[str] = set()
+_EVENTS: list[tuple[str, str]] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    """Record unpickling (any pickle global lookup) and opens of watched paths, process-wide."""
+    if event == "pickle.find_class":
+        _EVENTS.append((event, f"{args[0]}.{args[1]}"))
+    elif event == "open" and args and str(args[0]) in _WATCHED:
+        _EVENTS.append((event, str(args[0])))
+
+
+sys.addaudithook(_audit)
+
+
+@contextlib.contextmanager
+def nothing_unpickled(*paths: Path):
+    """No pickle global is looked up, torch.load / pickle are never called, ``paths`` never opened."""
+    import pickle
+
+    _WATCHED.update(str(p) for p in paths)
+    _EVENTS.clear()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.load / pickle reached")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "load", forbidden)
+        for name in ("load", "loads", "Unpickler"):
+            mp.setattr(pickle, name, forbidden)
+        try:
+            yield
+        finally:
+            _WATCHED.clear()
+    assert not _EVENTS, f"a file named in metadata was opened or something was unpickled: {_EVENTS[:3]}"
+
+
+def _pickle_bomb(path: Path) -> Path:
+    """A pickle that would create a marker file if it were ever unpickled."""
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {path.parent / 'PWNED'}",))
+
+    path.write_bytes(pickle.dumps(Boom()))
+    return path
+
+
+HOSTILE_KWARGS = {
+    "checkpoint_path": lambda p: {"checkpoint_path": str(p)},
+    "pretrained": lambda p: {"pretrained": True},
+    "pretrained_cfg": lambda p: {"pretrained_cfg": {"file": str(p)}},
+    "pretrained_cfg_overlay": lambda p: {"pretrained_cfg_overlay": {"file": str(p)}},
+    "cache_dir": lambda p: {"cache_dir": str(p.parent)},
+    "path-like string value": lambda p: {"global_pool": str(p)},
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_KWARGS))
+@pytest.mark.parametrize("source", ["base", "manifold"])
+def test_arch_never_reaches_a_file(tmp_path, source, case):
+    """A file's arch asking a constructor to read a (pickled) file is refused before anything is built."""
+    bomb = _pickle_bomb(tmp_path / "evil.pth")
+    kwargs = HOSTILE_KWARGS[case](bomb)
+    tensors, meta = parts(valid_files()[source])
+    arch = {"source": "timm", "name": "resnet18", "kwargs": kwargs}
+    work = tmp_path / "work"  # watched for changes (snapshot reads every file in it: not the bomb)
+    work.mkdir()
+    p = work / "hostile.safetensors"
+    p.write_bytes(rewrite(tensors, dict(meta, arch=arch)))
+    readers = [mk.Manifold.load] if source == "manifold" else [mk.load_model, mk.model_info]
+    for reader in readers:
+        with nothing_unpickled(bomb), refused(CheckpointError, "not allowed", watch=work):
+            reader(p)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18?checkpoint_path={p}", "timm:resnet18?pretrained=1",
+                                  "timm:resnet18?pretrained_cfg_overlay={{\"file\":\"{p}\"}}",
+                                  "timm:hf-hub:timm/resnet18", "timm:local-dir:{d}", "lenet5?num_classes={p}"])
+def test_spec_never_reaches_a_file(tmp_path, spec):
+    bomb = _pickle_bomb(tmp_path / "evil.pth")
+    with nothing_unpickled(bomb), refused(UnsupportedModelError):
+        mk.build_model(spec.format(p=bomb, d=tmp_path))
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_valid_files_never_unpickle(files, tmp_path):
+    """The whole read / sample / write cycle runs with torch.load and pickle removed."""
+    with nothing_unpickled():
+        m = mk.Manifold.load(files / "manifold.safetensors")
+        mk.save_model(m.sample(0.5, samples=1), tmp_path / "w.safetensors")
+        mk.load_model(tmp_path / "w.safetensors")
+        mk.load_model(files / "base.safetensors")
+        mk.model_info(files / "model.safetensors")
+        mk.build_model("timm:resnet18?num_classes=10")
+
+
+def test_source_has_no_unpickling():
+    """No module of the package can reach torch.load, pickle, marshal or np.load(allow_pickle=True)."""
+    import ast
+
+    root = Path(mk.__file__).parent
+    found = []
+    for f in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            for n in names:
+                if n.split(".")[0] in ("pickle", "cPickle", "dill", "marshal", "shelve", "joblib", "cloudpickle") \
+                        or n in ("torch.load", "torch.serialization", "torch.jit.load", "numpy.load"):
+                    found.append(f"{f.name}:{node.lineno} imports {n}")
+            if isinstance(node, ast.Attribute) and node.attr in ("load", "loads") and isinstance(node.value, ast.Name) \
+                    and node.value.id in ("torch", "pickle", "marshal", "dill"):
+                found.append(f"{f.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "np":
+                kw = {k.arg: k.value for k in node.keywords}
+                if not (isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False):
+                    found.append(f"{f.name}:{node.lineno} calls np.load without allow_pickle=False")
+    assert not found, found
+
+
+def test_registry_allow_list_matches_the_constructors():
+    """Every registry constructor argument is on the allow-list, and nothing else is."""
+    import inspect
+
+    from morphkit.models import REGISTRY
+    from morphkit.untrusted import REGISTRY_KWARGS
+
+    assert set(REGISTRY_KWARGS) == set(REGISTRY)
+    for name, entry in REGISTRY.items():
+        params = set(inspect.signature(entry.factory).parameters)
+        assert REGISTRY_KWARGS[name] == params, name
