@@ -43,6 +43,7 @@ import struct
 import tarfile
 import tempfile
 import time
+import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from morphkit.errors import ConfigError, DataError
+from morphkit.untrusted import MAX_ARCHIVE_MEMBER_BYTES, MAX_DECODED_BYTES, MAX_IDX_BYTES, MAX_IMAGE_PIXELS
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -542,7 +544,7 @@ def read_idx(path: str | os.PathLike[str], magic: int) -> np.ndarray:
         >>> labels = read_idx("../shared/data/mnist/t10k-labels-idx1-ubyte.gz", 2049)   # doctest: +SKIP
     """
     path = Path(path)
-    raw = _read_maybe_gzip(path)
+    raw = _read_maybe_gzip(path, 4 + 4 * 255)  # the header (at most 255 dims); the data is read once sized
     what = "images" if magic == _IDX_IMAGES_MAGIC else "labels"
     if len(raw) < 4:
         raise DataError(
@@ -564,12 +566,18 @@ def read_idx(path: str | os.PathLike[str], magic: int) -> np.ndarray:
     if ndim > 1 and any(d == 0 for d in dims[1:]):
         raise DataError(f"{path}: idx header has a zero dimension {dims}; expected positive image sizes")
     expected = math.prod(dims)
+    if header + expected > MAX_IDX_BYTES:
+        raise DataError(
+            f"{path}: idx header says {'x'.join(map(str, dims))} = {expected:,} bytes of data, more than the "
+            f"{MAX_IDX_BYTES:,} morphkit reads from one idx file; the file is corrupt or not an MNIST file"
+        )
+    raw = _read_maybe_gzip(path, header + expected + 1)  # one byte more shows trailing data
     got = len(raw) - header
     if got != expected:
         kind = "truncated" if got < expected else "has trailing bytes"
         raise DataError(
             f"{path}: {kind}: header says {'x'.join(map(str, dims))} = {expected} bytes of data, "
-            f"file holds {got}; re-download or re-extract it"
+            f"file holds {f'more than {expected}' if got > expected else got}; re-download or re-extract it"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
@@ -654,18 +662,23 @@ def _find_idx(root: Path, stem: str) -> Path:
     raise DataError(f"mnist: no {stem}[.gz] found (looked in {looked}). {_MNIST_HINT}")
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
+def _read_maybe_gzip(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of a file, decompressed when it is gzipped (a gzip bomb stops at ``limit``)."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            if f.read(2) != b"\x1f\x8b":
+                f.seek(0)
+                return f.read(limit)
+            f.seek(0)
+            try:
+                with gzip.GzipFile(fileobj=f) as gz:
+                    return gz.read(limit)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise DataError(f"{path}: corrupt or truncated gzip data ({exc}); re-download the file") from exc
+    except DataError:
+        raise
     except OSError as exc:
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: corrupt or truncated gzip data ({exc}); re-download the file") from exc
 
 
 # --------------------------------------------------------------------------- image folders
@@ -816,6 +829,10 @@ def _iter_tar(path: Path, kind: str) -> Iterator[_Item]:
                     continue
                 if parts[-1].startswith(".") or parts[-2].startswith(".") or not _is_image_name(parts[-1]):
                     continue
+                if member.size > MAX_ARCHIVE_MEMBER_BYTES:
+                    raise DataError(f"{kind}: {path}: member {member.name[:200]!r} is {member.size:,} bytes, more "
+                                    f"than the {MAX_ARCHIVE_MEMBER_BYTES:,} morphkit reads for one image; the "
+                                    "archive is corrupt or not an image data set")
                 f = tf.extractfile(member)
                 if f is None:
                     continue
@@ -827,8 +844,14 @@ def _iter_tar(path: Path, kind: str) -> Iterator[_Item]:
 def _decode(items: Iterator[_Item], path: Path, kind: str) -> dict[str, np.ndarray]:
     """Decode every image once; check layout, classes and sizes; order and stack them."""
     decoded: list[tuple[_Item, np.ndarray]] = []
+    total = 0
     for item in items:
-        decoded.append((item, _decode_one(item, kind)))
+        arr = _decode_one(item, kind)
+        total += arr.nbytes
+        if total > MAX_DECODED_BYTES:
+            raise DataError(f"{kind}: {path}: the decoded images exceed {MAX_DECODED_BYTES:,} bytes (at "
+                            f"{item.where}); morphkit holds data sets in memory: use a smaller one")
+        decoded.append((item, arr))
         item.source = b""  # free the encoded bytes
     by_split: dict[str, list[tuple[_Item, np.ndarray]]] = {}
     for item, arr in decoded:
@@ -881,10 +904,16 @@ def _decode(items: Iterator[_Item], path: Path, kind: str) -> dict[str, np.ndarr
 def _decode_one(item: _Item, kind: str) -> np.ndarray:
     try:
         with Image.open(item.source if isinstance(item.source, Path) else io.BytesIO(item.source)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:  # checked before decoding: a decompression bomb
+                raise DataError(f"{kind}: image {item.where} is {im.width}x{im.height} pixels, more than the "
+                                f"{MAX_IMAGE_PIXELS:,} morphkit decodes; resize it or remove it")
             if im.mode not in ("L", "RGB"):
                 im = im.convert("L" if im.mode in ("1", "I", "I;16", "F") else "RGB")
             return np.asarray(im, dtype=np.uint8)  # (H, W) or (H, W, 3)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            MemoryError, EOFError, struct.error, zlib.error) as exc:
         raise DataError(
             f"{kind}: cannot decode image {item.where} ({exc}); remove or replace the file"
         ) from exc
@@ -915,6 +944,9 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
         return None
     try:
         t0 = time.perf_counter()
+        with zipfile.ZipFile(path) as z:  # an .npz: sizes known before anything is decompressed
+            if sum(i.file_size for i in z.infolist()) > MAX_DECODED_BYTES:
+                raise ValueError(f"more than {MAX_DECODED_BYTES:,} bytes uncompressed")
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in _CACHE_KEYS}
         ok = (
@@ -927,7 +959,7 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
             raise ValueError("unexpected arrays")
         logger.info("loaded decoded images from cache %s in %.2f s", path, time.perf_counter() - t0)
         return arrays
-    except (OSError, KeyError, ValueError, zlib.error, EOFError) as exc:
+    except (OSError, KeyError, ValueError, zlib.error, EOFError, zipfile.BadZipFile, MemoryError) as exc:
         logger.warning("ignoring unreadable cache file %s (%s); decoding again", path, exc)
         return None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import io
 import json
 import math
 import os
@@ -650,3 +651,91 @@ def test_registry_allow_list_matches_the_constructors():
     for name, entry in REGISTRY.items():
         params = set(inspect.signature(entry.factory).parameters)
         assert REGISTRY_KWARGS[name] == params, name
+
+
+# --------------------------------------------------------------------------- decompression bombs
+
+
+def _png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels (the data is one empty scanline)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00"))
+            + chunk(b"IEND", b""))
+
+
+def _folder(root: Path, image: bytes, name: str = "x.png") -> Path:
+    from PIL import Image
+
+    small = io.BytesIO()
+    Image.new("L", (8, 8)).save(small, "PNG")
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+        (root / split / "a" / "ok.png").write_bytes(small.getvalue())
+    (root / "train" / "a" / name).write_bytes(image)
+    return root
+
+
+def test_gzip_bomb_mnist(tmp_path):
+    """A gzipped idx file that inflates far past its header's size is cut at the header's size."""
+    import time
+
+    root = _mnist_dir(tmp_path / "bomb")
+    header = struct.pack(">IIII", 2051, 4, 28, 28)
+    (root / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(64 << 20), 1))
+    t0 = time.perf_counter()
+    with refused(DataError, "has trailing bytes", "more than 3136", watch=tmp_path):
+        mk.load_data(f"mnist:{root}")
+    assert time.perf_counter() - t0 < 5
+    (root / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(struct.pack(">IIII", 2051, 10**6, 10**3, 10**3)))
+    with refused(DataError, "more than the 1,073,741,824 morphkit reads", watch=tmp_path):
+        mk.load_data(f"mnist:{root}")
+
+
+def test_png_decompression_bomb(tmp_path, monkeypatch):
+    monkeypatch.setenv("MORPHKIT_CACHE", str(tmp_path / "cache"))
+    root = _folder(tmp_path / "bomb", _png(10**5, 10**5))
+    with refused(DataError, "x.png", watch=tmp_path):
+        mk.load_data(f"imagefolder:{root}")
+    root = _folder(tmp_path / "big", _png(9000, 9000))
+    with refused(DataError, "is 9000x9000 pixels, more than the 67,108,864 morphkit decodes", watch=tmp_path):
+        mk.load_data(f"imagefolder:{root}")
+
+
+def test_tar_member_bomb(tmp_path, monkeypatch):
+    """A small .tar.gz whose member inflates past the size of one image is refused before it is read."""
+    import tarfile
+
+    import morphkit.data as D
+
+    monkeypatch.setenv("MORPHKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(D, "MAX_ARCHIVE_MEMBER_BYTES", 1 << 20)
+    tar = tmp_path / "bomb.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        info = tarfile.TarInfo("train/a/huge.png")
+        info.size = 4 << 20
+        tf.addfile(info, io.BytesIO(bytes(info.size)))
+    assert tar.stat().st_size < 50_000
+    with refused(DataError, "huge.png", "4,194,304 bytes, more than the 1,048,576", watch=tmp_path):
+        mk.load_data(f"imagefolder:{tar}")
+
+
+def test_corrupt_image_cache_is_rebuilt(tmp_path, monkeypatch):
+    """A cache that is not a zip (BadZipFile) or inflates too far is ignored and rewritten, not fatal."""
+    from PIL import Image
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MORPHKIT_CACHE", str(cache))
+    img = io.BytesIO()
+    Image.new("L", (8, 8)).save(img, "PNG")
+    root = _folder(tmp_path / "set", img.getvalue(), "more.png")
+    first = mk.load_data(f"imagefolder:{root}")
+    (npz,) = cache.glob("*.npz")
+    npz.write_bytes(b"PK\x03\x04 not really a zip" * 10)
+    again = mk.load_data(f"imagefolder:{root}")
+    assert torch.equal(first.train.images, again.train.images)
+    assert npz.read_bytes()[:4] == b"PK\x03\x04" and len(npz.read_bytes()) > 300  # rewritten
