@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -38,8 +39,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from morphkit._io import atomic_write_bytes
 from morphkit.baselines import METHODS as PRUNE_METHODS
-from morphkit.errors import ConfigError
+from morphkit.errors import CheckpointError, ConfigError
 
 __all__ = ["compare", "write_report", "count_macs", "COMPARE_METHODS"]
 
@@ -376,8 +378,10 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")  # rendered in memory, then written atomically: never a half-written PNG
     plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), path)
     return True
 
 
@@ -400,6 +404,8 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, *, title: str 
 
     Raises:
         ConfigError: no rows.
+        CheckpointError: the directory cannot be created or a file cannot be written
+            (each file is written atomically: whole, or the old one is left).
 
     Example:
         >>> paths = write_report(rows, "report/")  # doctest: +SKIP
@@ -409,11 +415,16 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, *, title: str 
     if not rows:
         raise ConfigError("write_report: no rows to write (compare() returned nothing?)")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    md = _markdown(rows, title, meta).encode()
+    js = (json.dumps({"title": title, "meta": meta or {}, "rows": rows}, indent=2, default=str) + "\n").encode()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create report directory {str(out)!r}: {e.strerror or e}; choose a "
+                              "writable -o") from e
     paths = {"md": out / f"{stem}.md", "json": out / f"{stem}.json"}
-    paths["md"].write_text(_markdown(rows, title, meta))
-    paths["json"].write_text(json.dumps({"title": title, "meta": meta or {}, "rows": rows}, indent=2,
-                                        default=str) + "\n")
+    atomic_write_bytes(md, paths["md"])  # each file whole or not replaced (a full disk leaves the old one)
+    atomic_write_bytes(js, paths["json"])
     if _plot(rows, out / f"{plot}.png", title):
         paths["png"] = out / f"{plot}.png"
     logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))

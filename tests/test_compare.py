@@ -152,3 +152,32 @@ def test_neumeta_rows_fold_unseen_widths_on_request(setup, rows):
     assert by[0.75]["params"] == plain[0.75]["params"]
     with pytest.raises(ConfigError, match="unseen"):
         compare(manifold, test_dl, ["neumeta"], [0.75], base=base, progress=False, unseen="maybe")
+
+
+def test_report_disk_full_keeps_the_old_report(rows, tmp_path, monkeypatch):
+    """Every report file is written atomically: a full disk leaves the previous report whole."""
+    import errno
+    import os
+
+    from morphkit.errors import CheckpointError
+
+    out = tmp_path / "out"
+    write_report(rows, out, meta={"seed": 0})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        write_report(rows, out, meta={"seed": 1})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no .tmp left, nothing truncated
+
+
+def test_report_directory_under_a_file(rows, tmp_path):
+    from morphkit.errors import CheckpointError
+
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(CheckpointError, match="cannot create report directory"):
+        write_report(rows, tmp_path / "blocker" / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["blocker"]
