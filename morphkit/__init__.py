@@ -1,45 +1,88 @@
 """morphkit: morph any pretrained PyTorch network to any width.
 
-The public API (see the README and DESIGN.md) is re-exported here. timm is
-imported only when a ``timm:`` model is built.
+The public API (see the README and DESIGN.md) is re-exported here, loaded on
+first use (PEP 562), so ``import morphkit`` and ``morphkit --help`` do not
+import torch; ``mk.build_model`` and friends import what they need when first
+touched. timm is imported only when a ``timm:`` model is built.
+
+Example:
+    >>> import morphkit as mk
+    >>> mk.MorphConfig().samples
+    50
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from morphkit.clique import Clique, Member, width_map
-from morphkit.config import INRConfig, MorphConfig, SmoothConfig, TrainConfig
-from morphkit.errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    MorphkitError,
-    TrainingError,
-    UnsupportedModelError,
-)
-from morphkit.models import build_model, example_inputs_for
-from morphkit.data import load_data, make_loaders
-from morphkit.solver import path_length, shortest_hamiltonian_path
-from morphkit.fuse import fuse_bn
-from morphkit.graph import find_cliques
-from morphkit.smooth import smooth, total_variation
-from morphkit.resize import resize
-from morphkit.export import load_model, model_info, save_model
-from morphkit.fit import evaluate, fit
-from morphkit.manifold import Manifold
-from morphkit.train import morph
-from morphkit.baselines import prune, train_individual, train_slimmable
-from morphkit.compare import compare, write_report
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["MorphkitError", "ConfigError", "UnsupportedModelError", "CheckpointError", "DataError",
+                     "TrainingError", "MissingDependencyError"], "morphkit.errors"),
+    **dict.fromkeys(["MorphConfig", "INRConfig", "TrainConfig", "SmoothConfig"], "morphkit.config"),
+    **dict.fromkeys(["Clique", "Member", "width_map"], "morphkit.clique"),
+    **dict.fromkeys(["build_model", "example_inputs_for"], "morphkit.models"),
+    **dict.fromkeys(["load_data", "make_loaders"], "morphkit.data"),
+    **dict.fromkeys(["shortest_hamiltonian_path", "path_length"], "morphkit.solver"),
+    "fuse_bn": "morphkit.fuse",
+    "find_cliques": "morphkit.graph",
+    **dict.fromkeys(["smooth", "total_variation"], "morphkit.smooth"),
+    "resize": "morphkit.resize",
+    **dict.fromkeys(["save_model", "load_model", "model_info", "count_params"], "morphkit.export"),
+    **dict.fromkeys(["save_onnx", "onnx_info"], "morphkit.onnx_export"),
+    **dict.fromkeys(["fit", "evaluate"], "morphkit.fit"),
+    "Manifold": "morphkit.manifold",
+    "morph": "morphkit.train",
+    **dict.fromkeys(["prune", "train_individual", "train_slimmable"], "morphkit.baselines"),
+    **dict.fromkeys(["compare", "write_report"], "morphkit.compare"),
+}
 
-__all__ = [
-    "__version__",
-    "MorphkitError", "ConfigError", "UnsupportedModelError", "CheckpointError", "DataError", "TrainingError",
-    "MorphConfig", "INRConfig", "TrainConfig", "SmoothConfig",
-    "Clique", "Member", "width_map",
-    "build_model", "example_inputs_for", "load_data", "make_loaders",
-    "fuse_bn", "find_cliques", "smooth", "total_variation", "shortest_hamiltonian_path", "path_length",
-    "resize", "morph", "Manifold",
-    "save_model", "load_model", "model_info", "fit", "evaluate",
-    "prune", "train_individual", "train_slimmable", "compare", "write_report",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access and cache the name here."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        if not name.startswith("__") and importlib.util.find_spec(f"morphkit.{name}") is not None:
+            return importlib.import_module(f"morphkit.{name}")  # a submodule: ``mk.export.count_params``
+        raise AttributeError(f"module 'morphkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the names eagerly
+    from morphkit.baselines import prune, train_individual, train_slimmable
+    from morphkit.clique import Clique, Member, width_map
+    from morphkit.compare import compare, write_report
+    from morphkit.config import INRConfig, MorphConfig, SmoothConfig, TrainConfig
+    from morphkit.data import load_data, make_loaders
+    from morphkit.errors import (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        MissingDependencyError,
+        MorphkitError,
+        TrainingError,
+        UnsupportedModelError,
+    )
+    from morphkit.export import count_params, load_model, model_info, save_model
+    from morphkit.fit import evaluate, fit
+    from morphkit.fuse import fuse_bn
+    from morphkit.graph import find_cliques
+    from morphkit.manifold import Manifold
+    from morphkit.models import build_model, example_inputs_for
+    from morphkit.onnx_export import onnx_info, save_onnx
+    from morphkit.resize import resize
+    from morphkit.smooth import smooth, total_variation
+    from morphkit.solver import path_length, shortest_hamiltonian_path
+    from morphkit.train import morph

@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "TrainingError",
+    "MissingDependencyError",
 ]
 
 
@@ -56,3 +57,7 @@ class DataError(MorphkitError, OSError):
 
 class TrainingError(MorphkitError, RuntimeError):
     """Training cannot continue (NaN/inf loss or gradient)."""
+
+
+class MissingDependencyError(MorphkitError, ImportError):
+    """An optional package a feature needs is not installed (the message names the pip command)."""
