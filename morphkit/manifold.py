@@ -182,9 +182,9 @@ class Manifold:
         self._templates: dict[tuple, nn.Module] = {}
 
     # ----------------------------------------------------------------- widths
-    def width_map(self, width: Any) -> WidthMap:
-        """Resolve a width (float or ``{clique_id: channels}``) to a full width map."""
-        return width_map(self.cliques, width)
+    def width_map(self, width: Any, round_to: int | None = None) -> WidthMap:
+        """Resolve a width (float or ``{clique_id: channels}``) to a full width map (see :func:`width_map`)."""
+        return width_map(self.cliques, width, round_to)
 
     def widths(self) -> dict[int, dict[str, Any]]:
         """Per clique: base size, fixed or not, and the channel range seen in training."""
@@ -238,7 +238,8 @@ class Manifold:
     # --------------------------------------------------------------- sampling
     @torch.no_grad()
     def predict(self, width: Any, samples: int | None = None, seed: int = 0,
-                noise: float | None = None, unseen: str = "inr") -> dict[str, torch.Tensor]:
+                noise: float | None = None, unseen: str = "inr",
+                round_to: int | None = None) -> dict[str, torch.Tensor]:
         """Averaged INR predictions (``state_dict`` entries) at a width.
 
         Args:
@@ -268,7 +269,7 @@ class Manifold:
             raise ConfigError(f"samples must be an int >= 1, got {k_draws!r}")
         if unseen not in UNSEEN_MODES:
             raise ConfigError(f"unseen: got {unseen!r}, expected one of {', '.join(map(repr, UNSEEN_MODES))}")
-        counts = self.width_map(width)
+        counts = self.width_map(width, round_to)
         table = self.builder.table(counts)
         a = self.config.train.noise if noise is None else noise
         sources = self.fold_sources(counts) if unseen == "fold" else []
@@ -339,7 +340,8 @@ class Manifold:
         return [r / k_draws for r in acc]  # type: ignore[operator]
 
     def sample(self, width: Any, samples: int | None = None, seed: int = 0,
-               calib_data: Any = None, calib_batches: int = 20, unseen: str = "inr") -> nn.Module:
+               calib_data: Any = None, calib_batches: int = 20, unseen: str = "inr",
+               round_to: int | None = None) -> nn.Module:
         """Emit a standard model at a width.
 
         Args:
@@ -353,6 +355,8 @@ class Manifold:
             calib_batches: How many batches of ``calib_data`` to use.
             unseen: ``"inr"`` (default) or ``"fold"``: how widths narrower than
                 the trained range are built (see :meth:`predict`).
+            round_to: Every resizable clique's channel count a multiple of this
+                where the clique allows (:func:`~morphkit.clique.width_map`).
 
         At full width (every clique at its size) the stored base model is
         returned exactly, not the INR's reconstruction of it; a width
@@ -365,7 +369,7 @@ class Manifold:
             >>> net = manifold.sample(0.5)            # doctest: +SKIP
             >>> net = manifold.sample({3: 24}, samples=10)  # doctest: +SKIP
         """
-        counts = self.width_map(width)
+        counts = self.width_map(width, round_to)
         if self.base_is_trained and all(counts[c.id] == c.size for c in self.cliques):
             net = copy.deepcopy(self.base)  # full width: the base itself (its own BatchNorm statistics)
             calib_data = None
