@@ -11,9 +11,12 @@ is reported instead of loaded. Nothing here unpickles: reading never runs code.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ __all__ = ["write_tensors", "read_tensors", "atomic_write_bytes", "tensor_digest
 
 META_KEY = "morphkit"
 
+logger = logging.getLogger(__name__)
+
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes, in key order."""
@@ -43,6 +48,10 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     """Write bytes to ``path`` through a temp file and a rename.
 
+    The temp file is named ``.NAME.HOST.PID.XXXX.tmp``; such files left by a
+    process of this host that is no longer running (killed mid-write) are
+    removed by the next write of the same name.
+
     Raises:
         CheckpointError: when the directory is missing or not writable, or the
             disk is full; the target is left as it was.
@@ -56,9 +65,10 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     if path.is_dir():
         raise CheckpointError(f"cannot write {str(path)!r}: it is a directory; expected a file path "
                               "such as DIR/model.safetensors")
+    _remove_dead_temps(parent, path.name)
     fd, tmp = None, None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=parent)
         with os.fdopen(fd, "wb") as f:
             fd = None
             f.write(data)
@@ -77,6 +87,31 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
             os.close(fd)
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def _remove_dead_temps(parent: Path, name: str) -> None:
+    """Remove ``.NAME.HOST.PID.*.tmp`` files that a killed process of this host left while writing ``name``."""
+    try:
+        leftovers = list(parent.glob(f".{glob.escape(name)}.{glob.escape(_HOST)}.*.tmp"))
+    except OSError:
+        return
+    for p in leftovers:
+        pid = p.name[len(name) + len(_HOST) + 3:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # its writer is gone: never renamed, never will be
+            try:
+                p.unlink()
+                logger.info("removed %s, left by process %s, which was killed while writing", p, pid)
+            except OSError:
+                pass
+        except (PermissionError, OverflowError, OSError):
+            pass
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> None:

@@ -16,10 +16,13 @@ decides when to write and how to restore.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import random
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +34,14 @@ from morphkit._io import atomic_write_bytes, read_tensors, tensor_digest, write_
 from morphkit.errors import CheckpointError
 from morphkit.formats import CHECKPOINT_FORMAT, FORMAT_VERSIONS
 
-__all__ = ["CHECKPOINT_NAME", "TrainState", "check_writable", "save_checkpoint", "load_checkpoint",
-           "run_fingerprint", "capture_rng", "restore_rng"]
+__all__ = ["CHECKPOINT_NAME", "LOCK_NAME", "TrainState", "check_writable", "lock_directory", "release_directory",
+           "save_checkpoint", "load_checkpoint", "run_fingerprint", "capture_rng", "restore_rng"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+#: The lock a live run holds on its checkpoint directory (JSON: pid, host, process start time).
+LOCK_NAME = ".morphkit.lock"
 
 
 @dataclass
@@ -65,13 +70,16 @@ class TrainState:
 
 
 def check_writable(directory: str | Path) -> Path:
-    """Create ``directory`` if needed and prove a file can be written there.
+    """Create ``directory`` if needed, prove a file can be written there, and lock it for this run.
 
     Called before training so a bad output location fails in seconds, not after
-    hours. The probe file is written atomically and removed.
+    hours. The probe file is written atomically and removed. Then the directory
+    is locked (:func:`lock_directory`; released at exit or by
+    :func:`release_directory`) and temporary files of killed runs are removed.
 
     Raises:
-        CheckpointError: the path is a file, cannot be created, or is not writable.
+        CheckpointError: the path is a file, cannot be created, or is not
+            writable; or another live run holds its lock.
 
     Example:
         >>> import tempfile
@@ -90,7 +98,137 @@ def check_writable(directory: str | Path) -> Path:
     probe = d / f".morphkit-probe-{os.getpid()}"
     atomic_write_bytes(b"morphkit write probe\n", probe)
     probe.unlink()
+    lock_directory(d)
+    _remove_leftovers(d)
     return d
+
+
+_HELD: set[Path] = set()  # directories this process has locked
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (tells a reused pid apart), where /proc has it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _lock_record() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def lock_directory(directory: str | Path) -> Path:
+    """Take the run lock of a checkpoint directory for this process (held until exit or :func:`release_directory`).
+
+    Two runs writing one checkpoint directory would overwrite each other's
+    checkpoints; the second is refused. A lock left by a run that was killed
+    (its process is gone, or its pid now belongs to another process) is taken
+    over with a warning. Taking a lock this process already holds is a no-op.
+
+    Raises:
+        CheckpointError: a live run (on this host, or on another host sharing the
+            directory) holds the lock.
+
+    Example:
+        >>> import tempfile
+        >>> d = lock_directory(tempfile.mkdtemp())
+        >>> release_directory(d)
+    """
+    d = Path(directory)
+    path = d / LOCK_NAME
+    mine = _lock_record()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise CheckpointError(f"cannot create the lock {str(path)!r}: {e.strerror or e}; choose a writable "
+                                  "checkpoint directory") from e
+        else:
+            with os.fdopen(fd, "w") as f:
+                json.dump(mine, f)
+            _HELD.add(d.resolve())
+            return d
+        try:
+            held = json.loads(path.read_text())
+            pid, host, start = int(held["pid"]), str(held["host"]), held.get("start")
+        except FileNotFoundError:
+            continue  # released meanwhile
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.time() - _mtime(path) < 5:  # being written right now
+                time.sleep(0.5)
+                continue
+            pid, host, start = -1, mine["host"], None  # unreadable and old: a run killed mid-write
+        if pid == mine["pid"] and host == mine["host"] and start == mine["start"]:
+            _HELD.add(d.resolve())
+            return d
+        if host != mine["host"]:
+            raise CheckpointError(f"checkpoint directory {str(d)!r} is locked by process {pid} on host {host!r:.60} "
+                                  f"(since {str(held.get('since'))[:20]}); if that run is no longer alive, delete "
+                                  f"{str(path)!r}, else wait for it or use another checkpoint directory")
+        if pid > 0 and _alive(pid) and (start is None or _process_start(pid) in (None, start)):
+            raise CheckpointError(f"checkpoint directory {str(d)!r} is in use by a running morph (process {pid}, "
+                                  f"since {str(held.get('since'))[:20]}); wait for it to finish, or use another "
+                                  "checkpoint directory")
+        logger.warning("taking over the lock of %s left by process %d, which is no longer running", d, pid)
+        stale = path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
+        try:
+            os.replace(path, stale)  # atomic: of two runs taking it over at once, one renames it
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+    raise CheckpointError(f"could not take the lock {str(path)!r} (another run keeps taking it); use another "
+                          "checkpoint directory")
+
+
+def release_directory(directory: str | Path) -> None:
+    """Give back a lock taken by :func:`lock_directory` (only if this process holds it)."""
+    d = Path(directory)
+    _HELD.discard(d.resolve())
+    path = d / LOCK_NAME
+    try:
+        held = json.loads(path.read_text())
+        if int(held["pid"]) == os.getpid() and held.get("host") == socket.gethostname():
+            path.unlink()
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+
+
+@atexit.register
+def _release_all() -> None:
+    for d in list(_HELD):
+        release_directory(d)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove_leftovers(d: Path) -> None:
+    """Temporary files of runs that died writing here (this process holds the lock, so no live run is)."""
+    for p in list(d.glob(f".{CHECKPOINT_NAME}.*.tmp")) + list(d.glob(".morphkit-probe-*")):
+        try:
+            p.unlink()
+            logger.info("removed %s, left by a run that was killed", p)
+        except OSError:
+            pass
 
 
 def run_fingerprint(model: torch.nn.Module, config_dict: dict, world_size: int) -> dict[str, Any]:

@@ -739,3 +739,76 @@ def test_corrupt_image_cache_is_rebuilt(tmp_path, monkeypatch):
     again = mk.load_data(f"imagefolder:{root}")
     assert torch.equal(first.train.images, again.train.images)
     assert npz.read_bytes()[:4] == b"PK\x03\x04" and len(npz.read_bytes()) > 300  # rewritten
+
+
+# --------------------------------------------------------------------------- concurrent runs
+
+_HOLDER = r"""
+import sys, time
+from morphkit.checkpoint import lock_directory
+lock_directory(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_checkpoint_directory_locked_by_a_live_run(tmp_path, caplog):
+    """A second run on a directory a live run holds is refused; once that run is killed, its lock is taken over."""
+    import signal
+    import subprocess
+
+    from morphkit.checkpoint import LOCK_NAME, check_writable, release_directory
+
+    d = tmp_path / "run"
+    d.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(d)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with refused(CheckpointError, "is in use by a running morph", f"process {holder.pid}", watch=tmp_path):
+            check_writable(d)
+        with refused(CheckpointError, "is in use by a running morph", watch=tmp_path):
+            mk.morph(mk.build_model("lenet5"), [(X, torch.zeros(1, dtype=torch.long))], example_inputs=X,
+                     config=TINY, progress=False, checkpoint_dir=d)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    (d / ".checkpoint.safetensors.abc123.tmp").write_bytes(b"half a checkpoint")  # a write the kill interrupted
+    (d / "keep.txt").write_text("not ours")
+    check_writable(d)  # the dead run's lock is taken over, its temp file removed
+    assert "no longer running" in caplog.text
+    assert sorted(p.name for p in d.iterdir()) == [LOCK_NAME, "keep.txt"]
+    assert json.loads((d / LOCK_NAME).read_text())["pid"] == os.getpid()
+    check_writable(d)  # this process holds it already
+    release_directory(d)
+    assert sorted(p.name for p in d.iterdir()) == ["keep.txt"]
+
+
+def test_stale_lock_with_a_reused_pid(tmp_path):
+    """A lock naming a live pid whose process started at another time (pid reuse) is stale."""
+    import socket
+
+    from morphkit.checkpoint import LOCK_NAME, lock_directory, release_directory
+
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "start": "-1"}))
+    lock_directory(tmp_path)
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    release_directory(tmp_path)
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "start": "1"}))
+    with refused(CheckpointError, "locked by process 1 on host 'elsewhere.example'", "delete", watch=tmp_path):
+        lock_directory(tmp_path)
+
+
+def test_temp_files_of_killed_writers_are_removed(lenet, tmp_path):
+    """A save killed mid-write leaves ``.NAME.HOST.PID.*.tmp``; the next save of that name removes it."""
+    import subprocess
+
+    from morphkit._io import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f".m.safetensors.{_HOST}.{dead.pid}.k1ll3d.tmp"
+    orphan.write_bytes(b"half a model")
+    live = tmp_path / f".m.safetensors.{_HOST}.1.wr1t1n.tmp"  # pid 1 is alive: its write may still finish
+    live.write_bytes(b"being written")
+    mk.save_model(lenet, tmp_path / "m.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "m.safetensors"]

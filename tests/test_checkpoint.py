@@ -14,7 +14,7 @@ import torch
 
 import morphkit as mk
 from morphkit._io import read_tensors
-from morphkit.checkpoint import CHECKPOINT_NAME
+from morphkit.checkpoint import CHECKPOINT_NAME, LOCK_NAME
 from morphkit.data import load_data, make_loaders
 from morphkit.errors import CheckpointError, ConfigError, TrainingError
 from morphkit.fit import classification_loss
@@ -65,8 +65,9 @@ def reference():
 @pytest.mark.parametrize("crash_at", [3, 8, 12])
 def test_resume_after_a_crash_is_bit_exact(tmp_path, reference, crash_at):
     with pytest.raises(_Boom):
+        per_step = 2 if CFG.train.sandwich else 1  # loss calls per step (one per width map)
         mk.morph(_model(), _loader(), example_inputs=X, config=CFG, progress=False, checkpoint_dir=tmp_path,
-                 checkpoint_every=5, loss_fn=_failing_loss(crash_at))
+                 checkpoint_every=5, loss_fn=_failing_loss((crash_at - 1) * per_step + 1))
     expected = 5 * ((crash_at - 1) // 5)  # the last checkpoint before the crash (none before step 5)
     assert (read_tensors(tmp_path / CHECKPOINT_NAME)[1]["state"]["step"] if expected else
             not (tmp_path / CHECKPOINT_NAME).exists()) == (expected or True)
@@ -123,17 +124,19 @@ def test_nan_loss_names_step_and_keeps_last_checkpoint(tmp_path):
     ce = classification_loss()
     calls = {"n": 0}
 
-    def nan_at_7(model, batch):
+    per_step = 2 if CFG.train.sandwich else 1  # loss calls per step (one per width map)
+
+    def nan_at_7(model, batch):  # the 7th step (step 6)
         calls["n"] += 1
         out = ce(model, batch)
-        return out * float("nan") if calls["n"] == 7 else out
+        return out * float("nan") if calls["n"] == 6 * per_step + 1 else out
 
     with pytest.raises(TrainingError, match=r"loss became nan at step 6 .*mean width"):
         mk.morph(_model(), _loader(), example_inputs=X, config=CFG, progress=False, checkpoint_dir=tmp_path,
                  checkpoint_every=5, loss_fn=nan_at_7)
     _, meta = read_tensors(tmp_path / CHECKPOINT_NAME)
     assert meta["state"]["step"] == 5
-    assert not [p for p in tmp_path.iterdir() if p.name != CHECKPOINT_NAME]  # no temp files left
+    assert not [p for p in tmp_path.iterdir() if p.name not in (CHECKPOINT_NAME, LOCK_NAME)]  # no temp files left
 
 
 # --- real process kills -------------------------------------------------------------------------
@@ -147,9 +150,11 @@ out, ckpt, steps, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.arg
 interrupt_at, every = int(sys.argv[5]), int(sys.argv[6])
 ce, calls = classification_loss(), [0]
 
+per_step = 2 if mk.TrainConfig().sandwich else 1  # loss calls per step (one per width map)
+
 def loss_fn(model, batch):  # Ctrl-C from inside step `interrupt_at` (0: never)
     calls[0] += 1
-    if calls[0] == interrupt_at:
+    if calls[0] == (interrupt_at - 1) * per_step + 1:
         os.kill(os.getpid(), signal.SIGINT)
     return ce(model, batch)
 
