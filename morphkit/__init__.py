@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -58,6 +60,26 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+#: Public functions named like the submodule that defines them (``morphkit.resize.resize``).
+_SHADOWED = frozenset(name for name, module in _EXPORTS.items() if module == f"morphkit.{name}")
+
+
+class _Package(types.ModuleType):
+    """Keeps ``mk.resize`` (and ``fit``, ``smooth``, ``compare``) the function once its submodule is imported.
+
+    Importing ``morphkit.resize`` sets the package attribute ``resize`` to the
+    submodule; the function is stored instead, as the eager imports did before.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType) and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names eagerly

@@ -32,7 +32,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Member", "Clique", "width_map"]
+__all__ = ["Member", "Clique", "width_map", "MAX_ROUND_TO"]
+
+#: Largest ``round_to`` accepted (a typo guard: no accelerator wants channels in multiples of more).
+MAX_ROUND_TO = 4096
 
 
 @dataclass(frozen=True)
@@ -104,18 +107,51 @@ class Clique:
         """How many permutation blocks the clique has (``size // block``)."""
         return self.size // self.block
 
-    def channels_for(self, width: float) -> int:
+    def channels_for(self, width: float, round_to: int | None = None) -> int:
         """Channel count for a width in (0, 1]: ``max(1, round(size * width))``.
 
         For a blocked clique the count is rounded to a whole multiple of
-        ``n_blocks`` (at least one channel per block).
+        ``n_blocks`` (at least one channel per block). With ``round_to`` the
+        count is then moved to the nearest multiple of ``round_to`` the clique
+        allows (:meth:`round_count`).
+
+        Example:
+            >>> Clique(0, 120).channels_for(0.5), Clique(0, 120).channels_for(0.5, round_to=16)
+            (60, 64)
         """
         if self.fixed:
             return self.size
         if self.block > 1:
             per = max(1, round(self.block * width))
-            return per * self.n_blocks
-        return max(1, round(self.size * width))
+            count = per * self.n_blocks
+        else:
+            count = max(1, round(self.size * width))
+        return self.round_count(count, round_to)
+
+    def round_count(self, count: int, round_to: int | None) -> int:
+        """The allowed channel count nearest to ``count`` that is a multiple of ``round_to``.
+
+        Allowed counts are at most ``size`` and, for a blocked clique (heads,
+        groups), the same number of channels in every block, so the count is a
+        multiple of both ``n_blocks`` and ``round_to``. Ties round up. When no
+        allowed count is a multiple of ``round_to`` (a 6-channel clique and
+        ``round_to=8``), or the clique is fixed, ``count`` is returned unchanged.
+
+        Example:
+            >>> c = Clique(0, 192, block=64)  # 3 heads of 64
+            >>> c.round_count(96, 8), c.round_count(99, 16), Clique(1, 6).round_count(3, 8)
+            (96, 96, 3)
+        """
+        if round_to is None or round_to == 1 or self.fixed:
+            return count
+        import math
+
+        blocks, width = (self.n_blocks, self.block) if self.block > 1 else (1, self.size)
+        step = round_to // math.gcd(round_to, blocks)  # per-block channels move in this step
+        if width < step:
+            return count
+        k = min(max(1, math.floor(count / blocks / step + 0.5)), width // step)
+        return k * step * blocks
 
     def kept(self, count: int) -> list[int]:
         """Base channels a resized model with ``count`` channels keeps, in order.
@@ -167,7 +203,7 @@ def _expect(cond: bool, what: str, got: Any, expected: str) -> None:
         raise ConfigError(f"{what}: got {got!r:.80}, expected {expected}")
 
 
-def width_map(cliques: list[Clique], width: Any) -> dict[int, int]:
+def width_map(cliques: list[Clique], width: Any, round_to: int | None = None) -> dict[int, int]:
     """Resolve a width (float in (0, 1] or ``{clique_id: channels}``) to a full width map.
 
     Args:
@@ -175,6 +211,12 @@ def width_map(cliques: list[Clique], width: Any) -> dict[int, int]:
         width: A fraction applied to every non-fixed clique
             (``max(1, round(size * width))`` channels), or a map of channel
             counts for some cliques (the others stay full).
+        round_to: Make every resizable clique's channel count a multiple of
+            this (hardware-friendly: 8, 16), the nearest one the clique allows
+            (:meth:`Clique.round_count`: at most its size, the same count in
+            every head or group); a clique with no such count keeps its
+            unrounded count. Applies to the counts of a map too; a full-width
+            clique may become narrower (120 channels, ``round_to=16``: 112).
 
     Returns:
         ``{clique_id: channels}`` for every clique.
@@ -182,12 +224,15 @@ def width_map(cliques: list[Clique], width: Any) -> dict[int, int]:
     Raises:
         ConfigError: width <= 0, > 1, NaN, not a number; unknown clique id; a
             count < 1 or > size; a fixed clique asked to change; a blocked
-            clique's count that is not a whole multiple of its blocks.
+            clique's count that is not a whole multiple of its blocks;
+            ``round_to`` not an int >= 1.
 
     Example:
-        >>> cs = [Clique(0, 6), Clique(1, 10, fixed=True, reason="output")]
+        >>> cs = [Clique(0, 6), Clique(1, 10, fixed=True, reason="output"), Clique(2, 120)]
         >>> width_map(cs, 0.5)
-        {0: 3, 1: 10}
+        {0: 3, 1: 10, 2: 60}
+        >>> width_map(cs, 0.5, round_to=8)
+        {0: 3, 1: 10, 2: 64}
     """
     import math
     import numbers
@@ -196,6 +241,10 @@ def width_map(cliques: list[Clique], width: Any) -> dict[int, int]:
 
     from morphkit.errors import ConfigError
 
+    if round_to is not None and (isinstance(round_to, (bool, np.bool_)) or not isinstance(round_to, numbers.Integral)
+                                 or not 1 <= round_to <= MAX_ROUND_TO):
+        raise ConfigError(f"round_to: got {round_to!r}, expected an int in [1, {MAX_ROUND_TO}] (e.g. 8 or 16) or None")
+    round_to = None if round_to is None else int(round_to)
     by_id = {c.id: c for c in cliques}
     if isinstance(width, dict):
         out = {c.id: c.size for c in cliques}
@@ -220,7 +269,7 @@ def width_map(cliques: list[Clique], width: Any) -> dict[int, int]:
             if c.block > 1 and count % c.n_blocks:
                 raise ConfigError(f"clique {cid} permutes within {c.n_blocks} blocks of {c.block}; its "
                                   f"channel count must be a multiple of {c.n_blocks}, got {count}")
-            out[cid] = count
+            out[cid] = c.round_count(count, round_to)
         return out
     if isinstance(width, (bool, np.bool_)) or not isinstance(width, numbers.Real):
         raise ConfigError(f"width must be a number in (0, 1] or a {{clique_id: channels}} map, "
@@ -228,4 +277,4 @@ def width_map(cliques: list[Clique], width: Any) -> dict[int, int]:
     if not math.isfinite(width) or not 0 < width <= 1:
         raise ConfigError(f"width must be in (0, 1] (1 = the base model; compression = 1 - width), "
                           f"got {width!r}")
-    return {c.id: c.channels_for(float(width)) for c in cliques}
+    return {c.id: c.channels_for(float(width), round_to) for c in cliques}

@@ -95,7 +95,7 @@ def inputs_from_spec(spec: Any) -> tuple[torch.Tensor, ...]:
 
 
 def resize(model: nn.Module, example_inputs: Any, width: float | dict[int, int],
-           cliques: Sequence[Clique] | None = None, *, check: bool = False) -> nn.Module:
+           cliques: Sequence[Clique] | None = None, *, check: bool = False, round_to: int | None = None) -> nn.Module:
     """Return a new model with its cliques resized.
 
     Args:
@@ -108,6 +108,8 @@ def resize(model: nn.Module, example_inputs: Any, width: float | dict[int, int],
         cliques: The model's cliques (:func:`~morphkit.graph.find_cliques`);
             found here when None.
         check: Run a forward pass on ``example_inputs`` and raise if it fails.
+        round_to: Every resizable clique's channel count a multiple of this
+            where the clique allows (:func:`~morphkit.clique.width_map`).
 
     Returns:
         A new module of the same classes, with ``morphkit_widths`` =
@@ -133,7 +135,7 @@ def resize(model: nn.Module, example_inputs: Any, width: float | dict[int, int],
 
         cliques = find_cliques(model, example_inputs)
     cliques = list(cliques)
-    widths = width_map(cliques, width)
+    widths = width_map(cliques, width, round_to)
     new = _resize_unchecked(model, cliques, widths)
     new.morphkit_widths = dict(widths)
     new.morphkit_inputs = input_spec(example_inputs)

@@ -76,3 +76,14 @@ def test_missing_onnx_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
     with pytest.raises(mk.MissingDependencyError, match=r"morphkit\[onnx\]"):
         mk.save_onnx(mk.build_model("lenet5"), tmp_path / "x.onnx")
+
+
+@pytest.mark.slow
+def test_vit_tiny_224_at_half_width(tmp_path):
+    base = mk.build_model("timm:vit_tiny_patch16_224")
+    small = mk.resize(base, mk.example_inputs_for(base), 0.5).eval()
+    mk.save_onnx(small, tmp_path / "vit.onnx")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = small(x).numpy()
+    assert abs(_run(tmp_path / "vit.onnx", x) - ref).max() <= 1e-4 * abs(ref).max()
