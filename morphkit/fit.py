@@ -26,6 +26,7 @@ from morphkit.errors import ConfigError, TrainingError
 from morphkit.models import task_of, vae_loss
 
 __all__ = ["fit", "evaluate", "FitHistory", "default_device", "classification_loss", "default_loss", "to_device",
+           "split_batch", "logits_of", "check_labels",
            "keeps_global_rng", "folded_bn_names"]
 
 logger = logging.getLogger(__name__)
@@ -97,12 +98,99 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, target)`` of a batch: an ``(x, y, ...)`` tuple or list.
+
+    morphkit's default loss and :func:`evaluate` take such batches. A loader
+    that yields dicts (Hugging Face style) is adapted with a generator, e.g.
+    ``[(b["pixel_values"], b["labels"]) for b in loader]``, or handled by your
+    own ``loss_fn(model, batch)`` (``morph``, ``fit``).
+
+    Raises:
+        ConfigError: a dict or any other batch, naming what it holds.
+
+    Example:
+        >>> split_batch((torch.zeros(2, 3), torch.zeros(2)))[1].shape
+        torch.Size([2])
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        keys = ", ".join(repr(k) for k in list(batch)[:6])
+        raise ConfigError(f"a batch is a dict (keys {keys:.200}); morphkit's default loss and evaluate take "
+                          "(inputs, target) tuples: adapt the loader, e.g. [(b['image'], b['label']) for b in "
+                          "loader], or pass loss_fn(model, batch) to morph() / fit()")
+    what = f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    raise ConfigError(f"a batch is {what}; expected an (inputs, target) tuple such as (x, y), or pass "
+                      "loss_fn(model, batch) to morph() / fit() for other batches")
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The model's output as a logits tensor; dicts and tuples are refused with what they hold.
+
+    Raises:
+        UnsupportedModelError: the forward returned something other than a tensor.
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    from morphkit.errors import UnsupportedModelError
+
+    if isinstance(out, dict):
+        held = f"a dict with keys {', '.join(repr(k) for k in list(out)[:6]):.200}"
+    elif isinstance(out, (tuple, list)):
+        held = f"a {type(out).__name__} of {len(out)} items"
+    else:
+        held = f"a {type(out).__name__}"
+    raise UnsupportedModelError(f"the model returned {held}, not a tensor of logits; morphkit's default loss and "
+                                "evaluate need the logits: wrap the model so forward returns them (e.g. a module "
+                                "whose forward is `return self.net(x)['logits']`), or pass loss_fn(model, batch) "
+                                "to morph() / fit()")
+
+
+def check_labels(y: Any, logits: torch.Tensor) -> None:
+    """Class-index targets must lie in ``[0, classes)`` of the logits (a clear error instead of an index error).
+
+    Raises:
+        ConfigError: a label below 0 or not below the number of model outputs.
+    """
+    if not (isinstance(y, torch.Tensor) and not y.is_floating_point() and y.numel() and logits.dim() >= 2):
+        return
+    lo, hi, classes = int(y.min()), int(y.max()), logits.shape[1]
+    if lo < 0 or hi >= classes:
+        raise ConfigError(f"labels must be class indices in [0, {classes}) for a model with {classes} outputs, got "
+                          f"labels from {lo} to {hi}; does the data fit the model (its num_classes)?")
+
+
+def _forward(model: nn.Module, x: Any) -> Any:
+    """``model(x)``, a failure on the data named (wrong channels, image size, dtype) rather than raw."""
+    try:
+        return model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        from morphkit.errors import UnsupportedModelError
+
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        dtype = f" {x.dtype}".replace("torch.", "") if isinstance(x, torch.Tensor) else ""
+        raise UnsupportedModelError(f"the model cannot run on this data (a batch of shape {shape}{dtype}): "
+                                    f"{type(e).__name__}: {str(e)[:300]}; does the data fit the model (channels, "
+                                    "image size)?") from e
+
+
 def classification_loss(label_smoothing: float = 0.0) -> LossFn:
-    """Cross-entropy on ``(x, y)`` batches, as a ``loss_fn(model, batch)``."""
+    """Cross-entropy on ``(x, y)`` batches, as a ``loss_fn(model, batch)``.
+
+    The first batch's labels are checked against the model's outputs
+    (:func:`check_labels`); batches and outputs of other kinds are refused by
+    :func:`split_batch` and :func:`logits_of`.
+    """
+    checked = [False]
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
-        x, y = batch[0], batch[1]
-        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        x, y = split_batch(batch)
+        out = logits_of(model(x))
+        if not checked[0]:
+            check_labels(y, out)
+            checked[0] = True
+        return F.cross_entropy(out, y, label_smoothing=label_smoothing)
 
     return loss_fn
 
@@ -296,7 +384,8 @@ def evaluate(model: nn.Module, data: Iterable, *, task: str | None = None,
     n = 0
     try:
         for batch in data:
-            x, y = to_device(batch[0], device), to_device(batch[1], device)
+            x, y = split_batch(batch)
+            x, y = to_device(x, device), to_device(y, device)
             if task == "vae":
                 target = torch.flatten(x, 1)
                 if target.min() < 0 or target.max() > 1:
@@ -305,7 +394,9 @@ def evaluate(model: nn.Module, data: Iterable, *, task: str | None = None,
                 total["a"] += ((torch.sigmoid(recon) - target) ** 2).sum().item()
                 total["b"] += vae_loss(model, (x, y)).item() * x.shape[0]
             else:
-                out = model(x)
+                out = logits_of(_forward(model, x))
+                if n == 0:
+                    check_labels(y, out)
                 total["a"] += (out.argmax(1) == y).sum().item()
                 total["b"] += F.cross_entropy(out, y, reduction="sum").item()
             n += x.shape[0]

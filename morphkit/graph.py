@@ -45,6 +45,7 @@ from morphkit.clique import Clique, Member
 from morphkit.errors import ConfigError, UnsupportedModelError
 
 __all__ = [
+    "check_model",
     "find_cliques",
     "format_cliques",
     "validate_cliques",
@@ -646,6 +647,52 @@ def _make_clique(d: _Draft, size: int, idxs: dict[tuple[str, int], np.ndarray], 
                   reason="; ".join(fixed_reason), block=block, modules=modules, tied=tied)
 
 
+def check_model(model: nn.Module) -> None:
+    """Refuse, up front and by name, models morphkit cannot analyse or morph.
+
+    Raises:
+        UnsupportedModelError: not an ``nn.Module``; parameters on the meta
+            device (no values); half-precision (float16 / bfloat16) parameters
+            (convert with ``model.float()`` and the sampled models back with
+            ``.half()`` / ``.bfloat16()``); one parameter tied to two names (a
+            shared tensor cannot be resized for one layer alone); NaN or inf
+            weights.
+
+    Example:
+        >>> check_model(nn.Linear(2, 2).half())
+        Traceback (most recent call last):
+        ...
+        morphkit.errors.UnsupportedModelError: the model's parameters are torch.float16 ...
+    """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"model must be an nn.Module, got {type(model).__name__}")
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+    meta = [n for n, t in tensors if t.is_meta]
+    if meta:
+        raise UnsupportedModelError(f"the model's tensors are on the meta device (e.g. {meta[0]!r}): they hold no "
+                                    "values to morph; build or load the model on the CPU (or call "
+                                    "model.to_empty(device='cpu') and load its weights) first")
+    half = [(n, t.dtype) for n, t in tensors if t.dtype in (torch.float16, torch.bfloat16)]
+    if half:
+        n, dt = half[0]
+        raise UnsupportedModelError(f"the model's parameters are {dt} (e.g. {n!r}); morphkit analyses and morphs "
+                                    "float32 models: pass model.float(), then convert the sampled models back "
+                                    f"with .to({dt})")
+    seen: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            raise UnsupportedModelError(f"parameters {seen[id(p)]!r} and {n!r} are one tied tensor; morphkit "
+                                        "resizes each layer's tensors on their own and cannot keep a tie: untie "
+                                        f"them before morphing (model.{n} = nn.Parameter(model.{n}.detach().clone()))")
+        seen[id(p)] = n
+    for n, t in tensors:
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UnsupportedModelError(f"the model's weights are not finite: {n!r} holds {bad} NaN/inf values; "
+                                        "morph a trained model with finite weights (did its training diverge, "
+                                        "or is its file corrupt?)")
+
+
 def find_cliques(model: nn.Module, example_inputs: Any, *, check: bool = True,
                  unwrapped_parameters: dict[str, int] | None = None) -> list[Clique]:
     """Find every clique (coupled channel group) of a model.
@@ -665,7 +712,9 @@ def find_cliques(model: nn.Module, example_inputs: Any, *, check: bool = True,
         ``fixed`` with a ``reason``.
 
     Raises:
-        UnsupportedModelError: when the model cannot be traced with these inputs.
+        UnsupportedModelError: when the model cannot be traced with these inputs,
+            or is one morphkit refuses up front (:func:`check_model`: meta
+            device, half precision, tied parameters, NaN weights).
 
     Example:
         >>> from morphkit.models import build_model
@@ -673,6 +722,7 @@ def find_cliques(model: nn.Module, example_inputs: Any, *, check: bool = True,
         >>> [(c.size, c.fixed) for c in cs]
         [(1, True), (6, False), (16, False), (120, False), (84, False), (10, True)]
     """
+    check_model(model)
     inputs = as_inputs(example_inputs)
     key_pos = {k: i for i, k in enumerate(model.state_dict())}
     with _eval_mode(model, grads=True):
