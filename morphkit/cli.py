@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,20 +18,125 @@ from typing import Any
 import click
 
 from morphkit import __version__
+from morphkit.config import MAX_SAMPLES
 from morphkit.errors import CheckpointError, ConfigError, MorphkitError
 
 logger = logging.getLogger("morphkit")
 
 
 class _Group(click.Group):
-    """Turns MorphkitError into one line and exit code 1."""
+    """Turns every error into one line on stderr and exit code 1, never a traceback.
+
+    A MorphkitError prints its message; anything else (a bug, or an input no
+    check catches yet) prints its type and message and asks for a report
+    (``-vv`` adds the traceback). Text is made safe for a terminal first.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except MorphkitError as e:
-            click.echo(f"error: {e}", err=True)
+            from morphkit.untrusted import for_terminal  # here, not above: --help and usage errors skip torch
+
+            click.echo(f"error: {for_terminal(str(e))}", err=True)
             ctx.exit(1)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except MemoryError:
+            click.echo("error: out of memory; use a smaller model, batch or data set", err=True)
+            ctx.exit(1)
+        except Exception as e:  # noqa: BLE001 - the promise is one line, never a traceback
+            from morphkit.untrusted import for_terminal
+
+            if logger.isEnabledFor(logging.DEBUG):
+                import traceback
+
+                click.echo(for_terminal(traceback.format_exc(), 20_000, newlines=True), err=True)
+            click.echo(f"error: unexpected {type(e).__name__}: {for_terminal(str(e), 500)} (an input morphkit "
+                       "does not check yet, or a bug: rerun with -vv for the traceback and report it)", err=True)
+            ctx.exit(1)
+
+
+def _printable(value: Any) -> Any:
+    """Every string in a (nested) value from a file made safe for a terminal (no escapes, surrogates)."""
+    from morphkit.untrusted import for_terminal
+
+    if isinstance(value, str):
+        return for_terminal(value, 500)
+    if isinstance(value, dict):
+        return {_printable(str(k)): _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    return value
+
+
+class _Once(logging.Filter):
+    """Drops a log line identical to one already printed (the same fusion logged by two loaders)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+class _Format(logging.Formatter):
+    """``warning: ...`` for warnings and errors; ``info morphkit.x: ...`` with the logger for -v output."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {msg}"
+        return f"{record.levelname.lower()} {record.name}: {msg}"
+
+
+def _setup_logging(verbose: int) -> None:
+    """morphkit's log lines on stderr: warnings always (untrained widths, fixed cliques), -v info, -vv debug."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    log = logging.getLogger("morphkit")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    handler.addFilter(_Once())
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(level)
+
+    def restore() -> None:  # the CLI called in-process (tests, notebooks) leaves logging as it found it
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(restore)
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """``--threads N``: torch's intra-op threads for this command (default: torch's own choice)."""
+    if value is not None:
+        import torch
+
+        torch.set_num_threads(value)
+        logger.info("using %d CPU thread(s)", value)
+    return value
+
+
+def _threads_option(f: Any) -> Any:
+    return click.option(
+        "--threads", type=click.IntRange(min=1), default=None, expose_value=False, callback=_set_threads,
+        help="CPU threads for torch (default: torch's, one per physical core or $OMP_NUM_THREADS; on a machine "
+             "other jobs also use, fewer is often faster).")(f)
+
+
+def _round_to_option(f: Any) -> Any:
+    return click.option(
+        "--round-to", type=click.IntRange(min=1), default=None,
+        help="Make every resizable clique's channel count a multiple of N (e.g. 8 or 16) where the clique allows "
+             "(heads and groups respected).")(f)
 
 
 @click.group(cls=_Group)
@@ -38,8 +144,7 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """Morph a pretrained PyTorch network to any width (Neural Metamorphosis)."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(verbose)
 
 
 def _resolve_model(spec: str):
@@ -61,7 +166,12 @@ def _example_inputs(model, input_shape: str | None):
         try:
             shape = tuple(int(v) for v in input_shape.replace("x", ",").split(","))
         except ValueError as e:
-            raise ConfigError(f"--input-shape: got {input_shape!r}, expected C,H,W (e.g. 3,224,224)") from e
+            raise ConfigError(f"--input-shape: got {input_shape!r:.80}, expected C,H,W (e.g. 3,224,224)") from e
+        from morphkit.untrusted import MAX_INPUT_ELEMENTS
+
+        if not 1 <= len(shape) <= 8 or min(shape) < 1 or math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise ConfigError(f"--input-shape: got {input_shape!r:.80}, expected 1 to 8 positive sizes C,H,W (e.g. "
+                              f"3,224,224) of at most {MAX_INPUT_ELEMENTS:,} values")
         return torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     return example_inputs_for(model)
 
@@ -86,7 +196,7 @@ def _fmt_metrics(m: dict[str, float]) -> str:
 @main.command()
 @click.argument("model")
 @click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
-@click.option("--epochs", type=int, default=None, help="Epochs (default: the model's recipe).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the model's recipe).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None)
 @click.option("--lr", type=float, default=None)
@@ -98,6 +208,7 @@ def _fmt_metrics(m: dict[str, float]) -> str:
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: bfloat16 autocast + channels-last (faster on GPUs and CPUs with AMX).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@_threads_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
 def train(model: str, data_spec: str, epochs: int | None, batch_size: int, optimizer: str | None,
           lr: float | None, weight_decay: float | None, label_smoothing: float, augment: bool | None,
@@ -108,12 +219,12 @@ def train(model: str, data_spec: str, epochs: int | None, batch_size: int, optim
     from morphkit.fit import fit
     from morphkit.models import recipe_of
 
-    _check_writable(output)
+    _check_writable(output, model)
     net = _resolve_model(model)
     recipe = recipe_of(net)
     kw = {"optimizer": optimizer or recipe["optimizer"], "lr": lr if lr is not None else recipe["lr"],
           "weight_decay": weight_decay if weight_decay is not None else recipe["weight_decay"]}
-    epochs = epochs or recipe["epochs"]
+    epochs = recipe["epochs"] if epochs is None else epochs
     splits = load_data(data_spec)
     train_dl, test_dl = make_loaders(splits, batch_size=batch_size, augment=augment, seed=seed)
     click.echo(f"training {model} on {data_spec}: {len(splits.train)} train / {len(splits.test)} test "
@@ -134,24 +245,28 @@ def train(model: str, data_spec: str, epochs: int | None, batch_size: int, optim
 @click.argument("file", type=click.Path())
 @click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
 @click.option("--width", type=float, default=None, help="Width to sample (manifold files only).")
-@click.option("--samples", type=int, default=None, help="K noisy draws averaged (manifold files only).")
+@click.option("--samples", type=click.IntRange(1, MAX_SAMPLES), default=None,
+              help="K noisy draws averaged (manifold files only).")
 @click.option("--unseen", type=click.Choice(["inr", "fold"]), default=None,
               help="Widths below the trained range: ask the INR (inr, the default) or fold from trained widths.")
+@_round_to_option
 @click.option("--batch-size", type=int, default=500, show_default=True)
+@_threads_option
 def eval_cmd(file: str, data_spec: str, width: float | None, samples: int | None, unseen: str | None,
-             batch_size: int) -> None:
+             round_to: int | None, batch_size: int) -> None:
     """Evaluate a model FILE (or a manifold at --width) on the test split of --data."""
     from morphkit.data import load_data, make_loaders
     from morphkit.fit import evaluate
 
-    net = _load_any(file, width, samples, unseen)
+    net = _load_any(file, width, samples, unseen, round_to)
     splits = load_data(data_spec)
     _, test_dl = make_loaders(splits, batch_size=batch_size, augment=False)
     metrics = evaluate(net, test_dl)
     click.echo(f"{file}{'' if width is None else f' @ width {width}'}: {_fmt_metrics(metrics)}")
 
 
-def _load_any(file: str, width: float | None, samples: int | None, unseen: str | None = None):
+def _load_any(file: str, width: float | None, samples: int | None, unseen: str | None = None,
+              round_to: int | None = None):
     from morphkit._io import read_tensors
     from morphkit.export import load_model
     from morphkit.formats import MANIFOLD_FORMAT
@@ -163,10 +278,10 @@ def _load_any(file: str, width: float | None, samples: int | None, unseen: str |
         if width is None:
             raise ConfigError(f"{file!r} is a manifold: pass --width W (0 < W <= 1) to sample a model from it")
         m = Manifold.load(file)
-        return m.sample(width, samples=samples or m.config.samples, unseen=unseen or "inr")
-    if width is not None or samples is not None or unseen is not None:
-        raise ConfigError(f"{file!r} is a model file of fixed width: --width/--samples/--unseen apply to "
-                          "manifolds only")
+        return m.sample(width, samples=samples or m.config.samples, unseen=unseen or "inr", round_to=round_to)
+    if width is not None or samples is not None or unseen is not None or round_to is not None:
+        raise ConfigError(f"{file!r} is a model file of fixed width: --width/--samples/--unseen/--round-to apply "
+                          "to manifolds only")
     return load_model(file)
 
 
@@ -193,9 +308,10 @@ def info(file: str, as_json: bool) -> None:
         x = example_inputs_for(net) if meta.get("arch") else None
         summary = {"params": sum(p.numel() for p in net.parameters()),
                    "macs": _macs(net, x) if x is not None else None}
-    if as_json:
+    if as_json:  # json.dumps escapes control characters and surrogates
         click.echo(json.dumps({"metadata": meta, **summary}, indent=2, default=str))
         return
+    meta, summary, file = _printable(meta), _printable(summary), _printable(file)  # text from the file
     click.echo(f"file:    {file}")
     click.echo(f"format:  {meta['format']} (morphkit {meta.get('morphkit_version', '?')})")
     arch = meta.get("arch") or {}
@@ -227,21 +343,33 @@ def cliques(model: str, input_shape: str | None) -> None:
 @main.command("morph")
 @click.argument("model")
 @click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
-@click.option("--epochs", type=int, default=None, help="Epochs over the data (default: the config's).")
-@click.option("--steps", type=int, default=None, help="Total steps (overrides --epochs).")
-@click.option("--config", "config_path", type=click.Path(), default=None, help="MorphConfig JSON file.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs over the data (default: the config's, 10).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Total steps (overrides --epochs).")
+@click.option("--compression-range", default=None, metavar="LO,HI",
+              help="Compressions trained, 0 <= LO <= HI < 1 (default: the config's, 0,0.75); narrower widths are "
+                   "extrapolated and warned about.")
+@click.option("--lr", type=float, default=None, help="INR learning rate (default: the config's, 1e-3).")
+@click.option("--samples", type=click.IntRange(1, MAX_SAMPLES), default=None,
+              help="K noisy draws averaged when sampling from the manifold (default: the config's, 50).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="INR matrix products in float32 or bfloat16 (faster on GPUs and AMX CPUs; default: fp32).")
+@click.option("--config", "config_path", type=click.Path(), default=None,
+              help="MorphConfig JSON file (`morphkit config` prints the defaults); flags override it.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--input-shape", default=None, help="C,H,W of the example input (default: the model's).")
-@click.option("--seed", type=int, default=None, help="Seed (default: the config's).")
+@click.option("--seed", type=int, default=None, help="Seed (default: the config's, 0).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@_threads_option
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
               help="Write a resumable checkpoint there (every --checkpoint-every steps, at the end, on Ctrl-C).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Steps between checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue the run in --checkpoint-dir (bit-exact on the CPU).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Manifold file to write.")
-def morph_cmd(model: str, data_spec: str, epochs: int | None, steps: int | None, config_path: str | None,
+def morph_cmd(model: str, data_spec: str, epochs: int | None, steps: int | None, compression_range: str | None,
+              lr: float | None, samples: int | None, precision: str | None, config_path: str | None,
               batch_size: int, input_shape: str | None, seed: int | None, device: str | None, progress: bool,
               checkpoint_dir: str | None, checkpoint_every: int, resume: bool, output: str) -> None:
     """Learn the weight manifold of MODEL on --data and write it to -o.
@@ -256,11 +384,18 @@ def morph_cmd(model: str, data_spec: str, epochs: int | None, steps: int | None,
     from morphkit.data import load_data, make_loaders
     from morphkit.train import MorphInterrupted, morph
 
-    cfg = MorphConfig.load(config_path) if config_path else MorphConfig()
-    overrides = {k: v for k, v in (("epochs", epochs), ("steps", steps), ("seed", seed)) if v is not None}
-    if overrides:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
-    _check_writable(output)
+    cfg = _load_config(config_path) if config_path else MorphConfig()
+    compression = _parse_range(compression_range) if compression_range is not None else None
+    overrides = {k: v for k, v in (("epochs", epochs), ("steps", steps), ("seed", seed), ("lr", lr),
+                                   ("compression", compression)) if v is not None}
+    if epochs is not None and steps is None:
+        overrides["steps"] = None  # --epochs asks for epochs, also over a config that set steps
+    top: dict[str, Any] = {"samples": samples} if samples is not None else {}
+    if precision is not None:
+        top["inr"] = dataclasses.replace(cfg.inr, precision={"fp32": "float32", "bf16": "bfloat16"}[precision])
+    if overrides or top:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides), **top)
+    _check_writable(output, model, config_path, checkpoint_dir)
     net = _resolve_model(model)
     splits = load_data(data_spec)
     train_dl, test_dl = make_loaders(splits, batch_size=batch_size, seed=cfg.train.seed)
@@ -285,11 +420,51 @@ def morph_cmd(model: str, data_spec: str, epochs: int | None, steps: int | None,
         click.echo(f"  compression {float(g):>4.0%}: {_fmt_metrics(m)}")
 
 
-def _check_writable(output: str) -> None:
-    """Fail before hours of work when the output cannot be written."""
+def _parse_range(text: str) -> tuple[float, float]:
+    """``--compression-range LO,HI`` as two floats (the config validates the values)."""
+    parts = text.replace(" ", "").split(",")
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise click.BadParameter(f"got {text!r}, expected LO,HI such as 0,0.75",
+                                 param_hint="--compression-range") from None
+    return lo, hi
+
+
+def _load_config(path: str):
+    """``--config PATH``: a JSON file, or ``-`` / a pipe such as /dev/stdin (read once, at most 1 MiB)."""
+    from morphkit.config import MorphConfig
+
+    p = Path(path)
+    if path != "-" and (p.is_file() or p.is_dir() or not p.exists()):
+        return MorphConfig.load(p)  # its own messages: missing, a directory, not JSON
+    try:
+        stream = sys.stdin.buffer if path == "-" else open(p, "rb")  # noqa: SIM115 - closed below unless stdin
+        try:
+            raw = stream.read((1 << 20) + 1)
+        finally:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"--config {path!r}: cannot be read as UTF-8 JSON text: {e}") from e
+    if len(raw) > 1 << 20:
+        raise ConfigError(f"--config {path!r}: more than 1 MiB of text; a MorphConfig is a few hundred bytes")
+    return MorphConfig.from_json(text)
+
+
+def _check_writable(output: str, *inputs: str | None) -> None:
+    """Fail before hours of work when the output cannot be written, or would overwrite an input."""
     import os
 
-    parent = Path(output).resolve().parent
+    out = Path(output).resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        if out == Path(given).resolve() or (out.exists() and os.path.samefile(out, given)):
+            raise CheckpointError(f"-o {output!r} is the input {given!r}: writing it would overwrite the input "
+                                  "(and lose it if the command fails); choose another output path")
+    parent = out.parent
     if not parent.is_dir():
         what = "is a file, not a directory" if parent.exists() else "does not exist; create it first"
         raise CheckpointError(f"output directory {str(parent)!r} {what}")
@@ -297,41 +472,108 @@ def _check_writable(output: str) -> None:
         raise CheckpointError(f"output directory {str(parent)!r} is not writable; choose another -o")
 
 
+def _check_report_dir(output: str) -> None:
+    """``compare -o DIR``: DIR, or the nearest existing folder above it, must be a writable directory."""
+    import os
+
+    d = Path(output).resolve()
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(f"-o {output!r} is a file; expected a report directory")
+    while not d.exists():
+        d = d.parent
+    if not d.is_dir():
+        raise CheckpointError(f"cannot create report directory {output!r}: {str(d)!r} is a file, not a directory")
+    if not os.access(d, os.W_OK):
+        raise CheckpointError(f"cannot create report directory {output!r}: {str(d)!r} is not writable; choose "
+                              "another -o")
+
+
 @main.command()
 @click.argument("manifold_file", type=click.Path())
 @click.option("--width", type=float, default=None, help="Width in (0, 1] (1 = the base model).")
 @click.option("--compression", type=float, default=None, help="Compression in [0, 1) (= 1 - width).")
-@click.option("--samples", type=int, default=None, help="K noisy draws averaged (default: the manifold's, 50).")
+@click.option("--samples", type=click.IntRange(1, MAX_SAMPLES), default=None,
+              help="K noisy draws averaged (default: the manifold's, 50).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--unseen", type=click.Choice(["inr", "fold"]), default=None,
               help="Widths below the trained range: ask the INR (inr, the default) or fold from trained widths.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
+@_round_to_option
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx"]), default=None,
+              help="safetensors (a morphkit model file) or onnx (a standard ONNX model; needs "
+                   "`pip install 'morphkit[onnx]'`). Default: from the -o suffix (.onnx: onnx).")
+@click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset (default 17).")
+@_threads_option
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write.")
 def export(manifold_file: str, width: float | None, compression: float | None, samples: int | None, seed: int,
-           unseen: str | None, output: str) -> None:
-    """Sample a standard model from a manifold at --width or --compression."""
-    from morphkit.export import count_params, save_model
-    from morphkit.manifold import Manifold
+           unseen: str | None, round_to: int | None, fmt: str | None, opset: int | None, output: str) -> None:
+    """Sample a standard model from a manifold at --width or --compression and write it.
 
-    if (width is None) == (compression is None):
-        raise click.UsageError("pass exactly one of --width W or --compression G")
-    if width is None:
-        width = 1.0 - compression  # type: ignore[operator]
-        if not 0 <= compression < 1:  # type: ignore[operator]
+    MANIFOLD_FILE may also be a model file (from `morphkit export` or
+    `save_model`): it is then converted as it is, e.g. to ONNX with --format onnx.
+    """
+    from morphkit._io import read_tensors
+    from morphkit.export import count_params, load_model, save_model
+    from morphkit.formats import MANIFOLD_FORMAT
+
+    fmt = fmt or ("onnx" if Path(output).suffix.lower() == ".onnx" else "safetensors")
+    if fmt == "onnx":
+        from morphkit.onnx_export import _require_onnx
+
+        _require_onnx()  # before any work: a clear line when the extra is not installed
+    elif opset is not None:
+        raise click.UsageError("--opset applies to --format onnx only")
+    if width is not None and compression is not None:
+        raise click.UsageError("pass one of --width W or --compression G, not both")
+    if compression is not None:
+        if not 0 <= compression < 1:
             raise ConfigError(f"--compression must be in [0, 1), got {compression}")
-    _check_writable(output)
-    m = Manifold.load(manifold_file)
+        width = 1.0 - compression
+    _check_writable(output, manifold_file)
+    _, meta = read_tensors(manifold_file)
     t0 = time.perf_counter()
-    net = m.sample(width, samples=samples, seed=seed, unseen=unseen or "inr")
+    if meta["format"].startswith(MANIFOLD_FORMAT):
+        from morphkit.manifold import Manifold
+
+        if width is None:
+            raise click.UsageError("pass --width W or --compression G to sample a model from a manifold")
+        m = Manifold.load(manifold_file)
+        net = m.sample(width, samples=samples, seed=seed, unseen=unseen or "inr", round_to=round_to)
+        what = f"width {width:g}" + (f" rounded to multiples of {round_to}" if round_to else "")
+        record = {"source": str(manifold_file), "width": width, "samples": samples or m.config.samples, "seed": seed,
+                  "unseen": unseen or "inr", "round_to": round_to}
+    else:
+        if any(v is not None for v in (width, samples, unseen, round_to)):
+            raise ConfigError(f"{manifold_file!r} is a model file of fixed width: --width/--compression/--samples/"
+                              "--unseen/--round-to apply to manifolds only")
+        net = load_model(manifold_file)
+        what = "the model"
+        record = {"source": str(manifold_file)}
     seconds = time.perf_counter() - t0
-    save_model(net, output, source=str(manifold_file), width=width, samples=samples or m.config.samples, seed=seed,
-               unseen=unseen or "inr")
-    click.echo(f"exported width {width:g} ({count_params(net):,} params, sampled in {seconds:.2f} s) to {output}")
+    if fmt == "onnx":
+        from morphkit.onnx_export import DEFAULT_OPSET, save_onnx
+
+        source = record.pop("source")
+        save_onnx(net, output, opset=opset or DEFAULT_OPSET, source=source, **record)
+        kind = f"ONNX opset {opset or DEFAULT_OPSET}"
+    else:
+        save_model(net, output, **record)
+        kind = "safetensors"
+    click.echo(f"exported {what} ({count_params(net):,} params; channels {_channels(net)}; made in {seconds:.2f} s) "
+               f"to {output} ({kind})")
+
+
+def _channels(net: Any) -> str:
+    """The resized cliques' channel counts, short: ``3, 8, 60, 42``."""
+    widths = getattr(net, "morphkit_widths", None) or {}
+    counts = [str(v) for _, v in sorted(widths.items())]
+    return ", ".join(counts[:12]) + (f", ... ({len(counts)} cliques)" if len(counts) > 12 else "") or "-"
 
 
 @main.command()
 @click.option("--epochs", type=int, default=3, show_default=True, help="Base LeNet-5 epochs.")
 @click.option("--steps", type=int, default=400, show_default=True, help="morph() steps.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@_threads_option
 def demo(epochs: int, steps: int, progress: bool) -> None:
     """Offline end to end on the MNIST subset shipped in the package.
 
@@ -388,7 +630,8 @@ def demo(epochs: int, steps: int, progress: bool) -> None:
               help="Fine-tuning epochs after pruning.")
 @click.option("--train-epochs", type=click.IntRange(min=1), default=None,
               help="Epochs of individual / slimmable training (default: the model's recipe).")
-@click.option("--samples", type=click.IntRange(min=1), default=None, help="K noisy draws averaged (default: 50).")
+@click.option("--samples", type=click.IntRange(1, MAX_SAMPLES), default=None,
+              help="K noisy draws averaged (default: 50).")
 @click.option("--unseen", type=click.Choice(["inr", "fold"]), default="inr", show_default=True,
               help="NeuMeta's widths below the trained range: ask the INR or fold from trained widths.")
 @click.option("--base", "base_file", type=click.Path(), default=None,
@@ -399,6 +642,7 @@ def demo(epochs: int, steps: int, progress: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@_threads_option
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Report directory.")
 def compare_cmd(manifold_file: str, data_spec: str, methods: str, compressions: str, finetune_epochs: int,
                 train_epochs: int | None, samples: int | None, unseen: str, base_file: str | None,
@@ -415,6 +659,7 @@ def compare_cmd(manifold_file: str, data_spec: str, methods: str, compressions: 
     from morphkit.export import load_model
     from morphkit.formats import MANIFOLD_FORMAT
 
+    _check_report_dir(output)
     _, meta = read_tensors(manifold_file)
     if meta["format"].startswith(MANIFOLD_FORMAT):
         from morphkit.manifold import Manifold
@@ -430,13 +675,37 @@ def compare_cmd(manifold_file: str, data_spec: str, methods: str, compressions: 
                    samples=samples, seed=seed, progress=progress and sys.stderr.isatty(), train_data=train_dl,
                    train_epochs=train_epochs, device=device, unseen=unseen)
     seconds = time.perf_counter() - t0
-    info = {"source": manifold_file, "base": base_file or "manifold.sample(1.0)", "data": data_spec, "unseen": unseen,
+    info = {"source": manifold_file, "base": _base_origin(base_file, rows), "data": data_spec, "unseen": unseen,
             "train images": len(train_dl.data),
             "test images": rows[0]["n"], "finetune epochs": finetune_epochs, "seed": seed,
             "seconds": round(seconds, 1), "morphkit": __version__}
     paths = write_report(rows, output, title=f"morphkit compare: {Path(manifold_file).name}", meta=info)
     click.echo(paths["md"].read_text())
     click.echo(f"wrote {', '.join(str(p) for p in paths.values())} in {seconds:.0f} s")
+
+
+def _base_origin(base_file: str | None, rows: list[dict[str, Any]]) -> str:
+    """Where the pruned rows' starting weights came from, as compare() reports it."""
+    if base_file:
+        return f"{base_file} (--base)"
+    origin = next((r["pruned_from"] for r in rows if "pruned_from" in r), None)
+    return {None: "none (no pruning method)",
+            "manifold.base": "the trained base stored in the manifold file",
+            "manifold.sample(1.0)": "manifold.sample(1.0) (the manifold file stores no base weights)",
+            "model": "the model file itself"}.get(origin, str(origin))
+
+
+@main.command("config")
+def config_cmd() -> None:
+    """Print the default MorphConfig as JSON: save it, edit it, pass it to `morph --config FILE`.
+
+    Keys: inr (the INR's shape), train (schedule, losses, compression range),
+    smooth (channel reordering), fuse_bn, samples, calib_samples; each is
+    documented in morphkit/config.py. Unknown keys are refused.
+    """
+    from morphkit.config import MorphConfig
+
+    click.echo(MorphConfig().to_json())
 
 
 if __name__ == "__main__":  # pragma: no cover
