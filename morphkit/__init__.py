@@ -26,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["MorphkitError", "ConfigError", "UnsupportedModelError", "CheckpointError", "DataError",
                      "TrainingError", "MissingDependencyError"], "morphkit.errors"),
     **dict.fromkeys(["MorphConfig", "INRConfig", "TrainConfig", "SmoothConfig"], "morphkit.config"),
-    **dict.fromkeys(["Clique", "Member", "width_map"], "morphkit.clique"),
+    **dict.fromkeys(["Clique", "CliqueList", "Member", "width_map"], "morphkit.clique"),
     **dict.fromkeys(["build_model", "example_inputs_for"], "morphkit.models"),
     **dict.fromkeys(["load_data", "make_loaders"], "morphkit.data"),
     **dict.fromkeys(["shortest_hamiltonian_path", "path_length"], "morphkit.solver"),
@@ -84,7 +84,7 @@ sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names eagerly
     from morphkit.baselines import prune, train_individual, train_slimmable
-    from morphkit.clique import Clique, Member, width_map
+    from morphkit.clique import Clique, CliqueList, Member, width_map
     from morphkit.compare import compare, write_report
     from morphkit.config import INRConfig, MorphConfig, SmoothConfig, TrainConfig
     from morphkit.data import load_data, make_loaders

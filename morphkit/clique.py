@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Member", "Clique", "width_map", "MAX_ROUND_TO"]
+__all__ = ["Member", "Clique", "CliqueList", "width_map", "MAX_ROUND_TO"]
 
 #: Largest ``round_to`` accepted (a typo guard: no accelerator wants channels in multiples of more).
 MAX_ROUND_TO = 4096
@@ -101,6 +101,14 @@ class Clique:
     block: int = 1
     modules: list[str] = field(default_factory=list)
     tied: bool = False
+
+    def __repr__(self) -> str:
+        """Short: id, size, status and the layers, not every member's index map."""
+        mods = ", ".join(self.modules[:3]) + (f", ... (+{len(self.modules) - 3})" if len(self.modules) > 3 else "")
+        status = f"fixed: {self.reason}" if self.fixed else "resizable"
+        block = f", block={self.block}{' tied' if self.tied else ''}" if self.block > 1 else ""
+        return (f"Clique(id={self.id}, size={self.size}, {status}{block}, members={len(self.members)}, "
+                f"modules=[{mods}])")
 
     @property
     def n_blocks(self) -> int:
@@ -190,6 +198,33 @@ class Clique:
         return cls(id=d["id"], size=d["size"], members=[Member.from_json(m) for m in members],
                    fixed=d.get("fixed", False), reason=d.get("reason", ""), block=block, modules=list(modules),
                    tied=d.get("tied", False))
+
+
+class CliqueList(list):
+    """The list :func:`~morphkit.graph.find_cliques` returns: a plain ``list`` of :class:`Clique`
+    that prints as a table (``print(cliques)``) and shows a one-line summary as its repr.
+
+    Example:
+        >>> cs = CliqueList([Clique(0, 6, modules=["conv1"]), Clique(1, 10, fixed=True, reason="output")])
+        >>> cs
+        CliqueList(2 cliques: 1 resizable (6 channels), 1 fixed; print() shows the table)
+        >>> cs[0]
+        Clique(id=0, size=6, resizable, members=0, modules=[conv1])
+    """
+
+    def summary(self) -> str:
+        """One line: how many cliques, resizable (with their channels) and fixed."""
+        free = [c for c in self if not c.fixed]
+        return (f"{len(self)} cliques: {len(free)} resizable ({sum(c.size for c in free)} channels), "
+                f"{len(self) - len(free)} fixed")
+
+    def __repr__(self) -> str:
+        return f"CliqueList({self.summary()}; print() shows the table)"
+
+    def __str__(self) -> str:
+        from morphkit.graph import format_cliques
+
+        return format_cliques(self)
 
 
 def _is_int(v: Any) -> bool:

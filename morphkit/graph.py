@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from morphkit.clique import Clique, Member
+from morphkit.clique import Clique, CliqueList, Member
 from morphkit.errors import ConfigError, UnsupportedModelError
 
 __all__ = [
@@ -694,7 +694,7 @@ def check_model(model: nn.Module) -> None:
 
 
 def find_cliques(model: nn.Module, example_inputs: Any, *, check: bool = True,
-                 unwrapped_parameters: dict[str, int] | None = None) -> list[Clique]:
+                 unwrapped_parameters: dict[str, int] | None = None) -> CliqueList:
     """Find every clique (coupled channel group) of a model.
 
     Args:
@@ -743,7 +743,7 @@ def find_cliques(model: nn.Module, example_inputs: Any, *, check: bool = True,
             c.reason = f"failed check: {why}"
             logger.warning("clique %d (%d channels: %s) is fixed: %s", c.id, c.size,
                            ", ".join(c.modules[:3]), why)
-    return cliques
+    return CliqueList(cliques)  # a list that prints as a table
 
 
 def _trace_cliques(work: nn.Module, inputs: tuple[Any, ...],
