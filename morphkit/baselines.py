@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from morphkit.clique import Clique, width_map
 from morphkit.errors import ConfigError, TrainingError
-from morphkit.fit import folded_bn_names, keeps_global_rng, to_device
+from morphkit.fit import folded_bn_names, keeps_global_rng, show_progress, to_device
 from morphkit.graph import copy_with, keep_positions, member_channels, permute_state
 
 __all__ = [
@@ -784,7 +784,8 @@ def train_slimmable(model: nn.Module, data: Iterable, widths: Sequence[float] = 
     t0 = time.perf_counter()
     for epoch in range(epochs):
         running, n = 0.0, 0
-        for batch in tqdm(data, desc=f"slimmable {epoch + 1}/{epochs}", disable=not progress, leave=False):
+        for batch in tqdm(data, desc=f"slimmable {epoch + 1}/{epochs}", disable=not show_progress(progress),
+                          leave=False):
             batch = to_device(batch, dev)
             opt.zero_grad(set_to_none=True)
             draws = [w_hi, w_lo] + [float(rng.uniform(w_lo, w_hi)) for _ in range(n_random)]

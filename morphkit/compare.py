@@ -172,7 +172,7 @@ def compare(
     """
     from morphkit.baselines import _check_int, prune, train_individual, train_slimmable
     from morphkit.export import count_params
-    from morphkit.fit import evaluate
+    from morphkit.fit import evaluate, show_progress
     from morphkit.graph import as_inputs, find_cliques
     from morphkit.manifold import UNSEEN_MODES, Manifold
     from morphkit.models import arch_of, example_inputs_for, task_of
@@ -231,7 +231,7 @@ def compare(
     rows: list[dict[str, Any]] = []
     jobs = [(m, g) for m in methods for g in comps]
     slim = None
-    bar = tqdm(jobs, desc="compare", disable=not progress)
+    bar = tqdm(jobs, desc="compare", disable=not show_progress(progress))
     for method, g in bar:
         bar.set_postfix(method=method, compression=g)
         width = 1.0 - g
@@ -336,7 +336,25 @@ def _markdown(rows: list[dict[str, Any]], title: str, meta: dict[str, Any] | Non
     return "\n".join(lines)
 
 
+#: Colour and marker of each method in the plots (NeuMeta red and thick; fine-tuned variants dashed).
+METHOD_STYLE: dict[str, tuple[str, str]] = {
+    "neumeta": ("#d62728", "o"), "l1": ("#1f77b4", "s"), "l2": ("#17becf", "D"), "taylor": ("#2ca02c", "^"),
+    "hessian": ("#9467bd", "v"), "random": ("#7f7f7f", "x"), "individual": ("#ff7f0e", "P"),
+    "slimmable": ("#8c564b", "*"), "searched": ("#e377c2", "h"),
+}
+_EXTRA_STYLES = [("#bcbd22", "p"), ("#393b79", "<"), ("#637939", ">"), ("#8c6d31", "d"), ("#843c39", "1")]
+
+
+def _style(method: str, extra: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    if method in METHOD_STYLE:
+        return METHOD_STYLE[method]
+    if method not in extra:
+        extra[method] = _EXTRA_STYLES[len(extra) % len(_EXTRA_STYLES)]
+    return extra[method]
+
+
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Two panels: the metric against compression, and against parameters (log scale)."""
     try:
         import matplotlib
 
@@ -349,34 +367,43 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     scale = 100.0 if metric == "accuracy" else 1.0
     comps = sorted({r["compression"] for r in rows})
     untrained = [g for g in comps if any(r["trained"] is False for r in rows if r["compression"] == g)]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    palette = plt.get_cmap("tab10").colors
-    others = iter(c for c in palette if c != palette[3])  # red is NeuMeta's
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.5, 4.4), dpi=120)
+    extra: dict[str, tuple[str, str]] = {}
     for lab in dict.fromkeys(r["label"] for r in rows):
         rs = sorted((r for r in rows if r["label"] == lab), key=lambda r: r["compression"])
-        xs = [100 * r["compression"] for r in rs]
+        color, marker = _style(rs[0]["method"], extra)
+        style = {"lw": 2.6, "zorder": 3, "ms": 7} if rs[0]["method"] == "neumeta" else {"lw": 1.4, "ms": 6}
+        if rs[0]["finetune_epochs"]:
+            style["ls"] = "--"
         ys = [scale * r["value"] for r in rs]
-        if rs[0]["method"] == "neumeta":
-            color, style = palette[3], {"lw": 2.6, "zorder": 3}
-        else:
-            color, style = next(others, "0.5"), {"lw": 1.4, "ls": "--" if rs[0]["finetune_epochs"] else "-"}
-        ax.plot(xs, ys, marker="o", color=color, label=lab, **style)
-        ux = [x for x, r in zip(xs, rs) if r["trained"] is False]
-        uy = [y for y, r in zip(ys, rs) if r["trained"] is False]
-        if ux:
-            ax.plot(ux, uy, ls="none", marker="o", mfc="white", mec=color, mew=1.6, zorder=4)
+        for axis, xs in ((ax, [100 * r["compression"] for r in rs]), (bx, [r["params"] for r in rs])):
+            axis.plot(xs, ys, marker=marker, color=color, label=lab, **style)
+            ux = [x for x, r in zip(xs, rs) if r["trained"] is False]
+            uy = [y for y, r in zip(ys, rs) if r["trained"] is False]
+            if ux:  # hollow markers: widths the manifold never trained
+                axis.plot(ux, uy, ls="none", marker=marker, mfc="white", mec=color, mew=1.6, zorder=4,
+                          ms=style["ms"])
     if untrained:  # shade the compressions the manifold never saw in training
         trained_max = max([g for g in comps if g not in untrained], default=min(comps) - 0.1)
         ax.axvspan(100 * (trained_max + min(untrained)) / 2, 100 * max(comps) + 5, color="0.9", zorder=0)
         ax.text(100 * max(comps) + 4, ax.get_ylim()[1], "untrained\nwidths ", ha="right", va="top",
                 fontsize=8, color="0.35")
+    ylabel = f"{metric} (%)" if metric == "accuracy" else metric
     ax.set_xlabel("compression (%)")
-    ax.set_ylabel(f"{metric} (%)" if metric == "accuracy" else metric)
+    ax.set_ylabel(ylabel)
     ax.set_xticks([100 * g for g in comps])
     ax.set_xlim(100 * min(comps) - 3, 100 * max(comps) + 5)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    bx.set_xlabel("parameters")
+    bx.set_ylabel(ylabel)
+    sizes = sorted({r["params"] for r in rows})
+    if len(sizes) > 1:
+        bx.set_xscale("log")
+    bx.set_xticks(sizes, [_fmt_count(v) for v in sizes], minor=False)
+    bx.minorticks_off()
+    for axis in (ax, bx):
+        axis.grid(alpha=0.3)
+    bx.legend(fontsize=8, loc="best")
+    fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")  # rendered in memory, then written atomically: never a half-written PNG

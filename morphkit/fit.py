@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from morphkit.errors import ConfigError, TrainingError
 from morphkit.models import task_of, vae_loss
 
-__all__ = ["fit", "evaluate", "FitHistory", "default_device", "classification_loss", "default_loss", "to_device",
+__all__ = ["fit", "evaluate", "show_progress", "FitHistory", "default_device", "classification_loss", "default_loss",
+           "to_device",
            "split_batch", "logits_of", "check_labels",
            "keeps_global_rng", "folded_bn_names"]
 
@@ -33,6 +34,29 @@ logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def show_progress(progress: bool) -> bool:
+    """Whether to draw a tqdm bar: asked for, and stderr is a terminal (or a Jupyter kernel).
+
+    Bars written to a file or a pipe are thousands of carriage-return lines in a
+    log, so every progress bar of the API is off there even with ``progress=True``.
+
+    Example:
+        >>> show_progress(False)
+        False
+    """
+    import sys
+
+    if not progress:
+        return False
+    if "ipykernel" in sys.modules:
+        return True
+    err = sys.stderr
+    try:
+        return err is not None and err.isatty()
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False
 
 
 def keeps_global_rng(fn: _F) -> _F:
@@ -305,7 +329,8 @@ def fit(
         for m in folded:  # a folded BN is an identity only with the running statistics fusion set
             m.eval()
         running, n_batches = 0.0, 0
-        bar = tqdm(train_data, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = tqdm(train_data, desc=f"epoch {epoch + 1}/{epochs}", disable=not show_progress(progress),
+                   leave=False)
         for batch in bar:
             batch = to_device(batch, device)
             if bf16:
