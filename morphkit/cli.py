@@ -311,21 +311,123 @@ def info(file: str, as_json: bool) -> None:
     if as_json:  # json.dumps escapes control characters and surrogates
         click.echo(json.dumps({"metadata": meta, **summary}, indent=2, default=str))
         return
-    meta, summary, file = _printable(meta), _printable(summary), _printable(file)  # text from the file
-    click.echo(f"file:    {file}")
-    click.echo(f"format:  {meta['format']} (morphkit {meta.get('morphkit_version', '?')})")
+    lines = [("file", str(file)), ("format", f"{meta['format']} (morphkit {meta.get('morphkit_version', '?')})")]
     arch = meta.get("arch") or {}
     if arch:
-        click.echo(f"arch:    {arch.get('source')}:{arch.get('name')} {arch.get('kwargs') or ''}".rstrip())
-    for k, v in summary.items():
-        if isinstance(v, int) and v > 10_000:
-            v = f"{v:,}"
-        click.echo(f"{k + ':':<8} {v}")
-    if meta.get("widths"):
-        click.echo(f"widths:  {meta['widths']}")
+        kwargs = ", ".join(f"{k}={v}" for k, v in (arch.get("kwargs") or {}).items())
+        lines.append(("arch", f"{arch.get('source')}:{arch.get('name')}" + (f" ({kwargs})" if kwargs else "")))
+    if meta["format"].startswith(MANIFOLD_FORMAT):
+        lines += _manifold_lines(file)
+    else:
+        lines += _model_lines(net, meta, summary)
+    for line in _table(lines):
+        click.echo(_printable(line))  # text from the file, made safe for a terminal line by line
+
+
+def _table(rows: list[tuple[str, str] | str]) -> list[str]:
+    """``key:  value`` lines aligned on the longest key; plain strings pass through."""
+    width = max((len(r[0]) for r in rows if isinstance(r, tuple)), default=0) + 2
+    return [r if isinstance(r, str) else f"{r[0] + ':':<{width}}{r[1]}" for r in rows]
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _value(v: Any) -> str:
+    """A metadata value for a person: metrics formatted, dicts as ``k=v``, lists comma-separated."""
+    if isinstance(v, dict) and ("accuracy" in v or "mse" in v) and "n" in v:
+        return _fmt_metrics(v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_value(x)}" for k, x in v.items()) or "-"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_value(x) for x in v) or "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return "-" if v is None else str(v)
+
+
+def _clique_rows(cliques: list[Any], counts: dict[int, Any], head: tuple[str, str]) -> list[str]:
+    """One line per clique: id, base size, the second column (channels or trained range), its layers."""
+    rows = [("id", "size", head[0], "layers")]
+    for c in cliques:
+        mods = ", ".join(c.modules[:4]) + (f", ... (+{len(c.modules) - 4})" if len(c.modules) > 4 else "")
+        rows.append((str(c.id), str(c.size), counts.get(c.id, "-"), mods or "-"))
+    w = [max(len(r[k]) for r in rows) for k in range(3)]
+    out = [head[1]]
+    out += [f"  {r[0]:>{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]}" for r in rows]
+    return out
+
+
+def _manifold_lines(file: str) -> list[tuple[str, str] | str]:
+    from morphkit.manifold import Manifold
+
+    m = Manifold.load(file)
+    info = m.info
+    lo, hi = (float(v) for v in m.config.train.compression)
+    base_params = sum(t.numel() for t in m.base.parameters())
+    base = f"{base_params:,} params"
+    if info.get("base_metrics"):
+        base += f"; {_fmt_metrics(info['base_metrics'])}"
+    base += "" if m.base_is_trained else " (weights not stored in this file)"
+    lines: list[tuple[str, str] | str] = [
+        ("base", base),
+        ("INR", f"{sum(p.numel() for p in m.inr.parameters()):,} params; {len(m.layouts)} predicted tensors, "
+                f"{len(m.static)} static; BatchNorm {'folded' if m.fused_bn else 'kept'}"),
+        ("trained", f"compression {lo:.0%} to {hi:.0%} (width {1 - hi:.2f} to {1 - lo:.2f}); narrower widths are "
+                    "extrapolated (a warning says so)"),
+    ]
+    if info.get("steps"):
+        lines.append(("training", f"{info['steps']:,} steps in {_value(info.get('seconds'))} s"))
+    final = info.get("final") or {}
+    if final:
+        lines += ["", "accuracy by compression (end of training):" if any("accuracy" in v for v in final.values())
+                  else "metrics by compression (end of training):"]
+        for g, metrics in sorted(final.items(), key=lambda kv: float(kv[0])):
+            flag = "" if lo - 1e-9 <= float(g) <= hi + 1e-9 else "  (outside the trained range)"
+            lines.append(f"  {float(g):>4.0%}  {_fmt_metrics(metrics)}{flag}")
+    widths = m.widths()
+    ranges = {c.id: (f"fixed: {c.reason}" if c.fixed else f"{widths[c.id]['trained'][0]}..{c.size}")
+              for c in m.cliques}
+    lines += ["", *_clique_rows(m.cliques, ranges, ("trained channels", "cliques:"))]
+    return lines
+
+
+def _model_lines(net: Any, meta: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, str] | str]:
+    params, macs = summary.get("params"), summary.get("macs")
+    lines: list[tuple[str, str] | str] = []
+    base = cliques = None
+    widths = {int(k): v for k, v in (meta.get("widths") or {}).items()}
+    if widths and meta.get("arch"):
+        try:  # the base this file was resized from, for sizes relative to it and layer names per clique
+            from morphkit.graph import find_cliques
+            from morphkit.models import build_from_arch, example_inputs_for
+
+            base = build_from_arch(meta["arch"])
+            x = example_inputs_for(base)
+            cliques = find_cliques(base, x)
+            base_params, base_macs = sum(p.numel() for p in base.parameters()), _macs(base, x)
+        except Exception as e:  # noqa: BLE001 - informational only
+            logger.debug("cannot rebuild the base for info: %s", e)
+            base = None
+    if base is not None:
+        lines.append(("params", f"{_count(params)} ({params / base_params:.1%} of the base's {base_params:,})"))
+        rel = f" ({macs / base_macs:.1%} of the base's {base_macs:,})" if macs and base_macs else ""
+        lines.append(("MACs", f"{_count(macs)}{rel}"))
+    else:
+        lines += [("params", _count(params)), ("MACs", _count(macs))]
     user = meta.get("user") if isinstance(meta.get("user"), dict) else {}
     for k, v in user.items():
-        click.echo(f"{k + ':':<8} {v}")
+        lines.append((k, _value(v)))
+    if widths:
+        counts = {cid: f"{n}" for cid, n in widths.items()}
+        if cliques is not None:
+            counts = {c.id: str(widths.get(c.id, c.size))
+                      + ("" if c.fixed else f" ({widths.get(c.id, c.size) / c.size:.0%})") for c in cliques}
+            lines += ["", *_clique_rows(cliques, counts, ("channels", "channels per clique:"))]
+        else:
+            lines += ["", "channels per clique: " + ", ".join(f"{k}: {v}" for k, v in sorted(widths.items()))]
+    return lines
 
 
 @main.command()

@@ -60,7 +60,8 @@ def test_export_and_eval_fold_unseen_widths(files):
 
 def test_morph_reports_widths(files):
     r = CliRunner().invoke(main, ["info", str(files / "m.morph.safetensors")])
-    assert r.exit_code == 0 and "morphkit.manifold/1" in r.output and "inr_params" in r.output
+    assert r.exit_code == 0 and "morphkit.manifold/1" in r.output and "INR:" in r.output, r.output
+    assert "trained:" in r.output and "{" not in r.output  # readable, no raw dicts
 
 
 def test_export_eval_info(files):

@@ -174,3 +174,21 @@ def test_compare_reports_where_the_base_comes_from(run):
                                     "--no-progress"])
     assert res.exit_code == 0, res.output
     assert f"- base: {run / 'base.safetensors'} (--base)" in res.output
+
+
+def test_info_prints_readable_tables(run):
+    res = CliRunner().invoke(main, ["info", str(run / "m.morph.safetensors")])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "trained:" in out and "compression 0% to 50%" in out and "cliques:" in out
+    assert "{" not in out and "'accuracy'" not in out  # no raw dicts
+    assert "accuracy" in out and "%" in out  # per-width accuracies from training, formatted
+    res = CliRunner().invoke(main, ["export", str(run / "m.morph.safetensors"), "--width", "0.5", "--samples", "2",
+                                    "-o", str(run / "w50.safetensors")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["info", str(run / "w50.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "of the base's" in res.output and "channels per clique:" in res.output and "{" not in res.output
+    assert "layers" in res.output and "(50%)" in res.output
+    res = CliRunner().invoke(main, ["info", str(run / "base.safetensors")])
+    assert res.exit_code == 0 and "metrics:" in res.output and "accuracy" in res.output and "{" not in res.output
