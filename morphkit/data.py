@@ -780,7 +780,9 @@ def _load_folder(path: Path, kind: str, cache: bool, cache_path: str | os.PathLi
     arrays = _read_cache(cache_file) if cache else None
     if arrays is None:
         t0 = time.perf_counter()
-        logger.info("decoding %s images from %s (once; cached afterwards)", kind, path)
+        # a warning, so the CLI shows it: CIFAR-10's first decode takes about a minute and a half on 2 cores
+        logger.warning("decoding %s images from %s once (can take minutes); caching them in %s (set "
+                       "$MORPHKIT_CACHE to move it)", kind, path, cache_file.parent if cache else "nowhere")
         arrays = _decode(_iter_tar(path, kind) if is_tar else iter(items or []), path, kind)
         logger.info("decoded %d images in %.1f s", len(arrays["train_labels"]) + len(arrays["test_labels"]),
                     time.perf_counter() - t0)
