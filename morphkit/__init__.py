@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "resize": "morphkit.resize",
     **dict.fromkeys(["save_model", "load_model", "model_info", "count_params"], "morphkit.export"),
     **dict.fromkeys(["save_onnx", "onnx_info"], "morphkit.onnx_export"),
+    **dict.fromkeys(["search", "SearchResult"], "morphkit.search"),
     **dict.fromkeys(["fit", "evaluate"], "morphkit.fit"),
     "Manifold": "morphkit.manifold",
     "morph": "morphkit.train",
@@ -105,6 +106,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the names eagerly
     from morphkit.models import build_model, example_inputs_for
     from morphkit.onnx_export import onnx_info, save_onnx
     from morphkit.resize import resize
+    from morphkit.search import SearchResult, search
     from morphkit.smooth import smooth, total_variation
     from morphkit.solver import path_length, shortest_hamiltonian_path
     from morphkit.train import morph

@@ -393,6 +393,16 @@ class Manifold:
             recalibrate_bn(net, calib_data, calib_batches)
         return net.eval()
 
+    def search(self, data: Any, **budget_and_options: Any) -> Any:
+        """The per-clique width map scoring best on ``data`` within a budget: :func:`morphkit.search.search`.
+
+        Example:
+            >>> net = manifold.sample(manifold.search(val, params="20k").widths)  # doctest: +SKIP
+        """
+        from morphkit.search import search
+
+        return search(self, data, **budget_and_options)
+
     # ------------------------------------------------------------------ files
     def summary(self) -> dict[str, Any]:
         """Key facts for ``morphkit info``."""
