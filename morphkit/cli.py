@@ -289,9 +289,13 @@ def _load_any(file: str, width: float | None, samples: int | None, unseen: str |
 @click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 def info(file: str, as_json: bool) -> None:
-    """Print a model or manifold FILE's metadata, parameters and MACs."""
+    """Print a model or manifold FILE's metadata, parameters and MACs (or an ONNX file's inputs and metadata)."""
     from morphkit._io import read_tensors
     from morphkit.formats import MANIFOLD_FORMAT
+
+    if Path(file).suffix.lower() == ".onnx":
+        _onnx_info(file, as_json)
+        return
 
     tensors, meta = read_tensors(file)
     meta = dict(meta)
@@ -322,6 +326,51 @@ def info(file: str, as_json: bool) -> None:
         lines += _model_lines(net, meta, summary)
     for line in _table(lines):
         click.echo(_printable(line))  # text from the file, made safe for a terminal line by line
+
+
+def _onnx_info(file: str, as_json: bool) -> None:
+    from morphkit.onnx_export import onnx_info
+
+    d = onnx_info(file)
+    if as_json:
+        click.echo(json.dumps(d, indent=2, default=str))
+        return
+    meta = d["metadata"]
+    lines: list[tuple[str, str] | str] = [("file", str(file)),
+                                          ("format", f"ONNX opset {d['opset']} ({meta.get('format', 'not morphkit')})")]
+    for key in ("inputs", "outputs"):
+        lines.append((key, "; ".join(f"{v['name']} {v['shape']}" for v in d[key])))
+    for key in ("version", "arch", "params", "source"):
+        if meta.get(key) is not None:
+            v = meta[key]
+            if key == "arch" and isinstance(v, dict):
+                v = f"{v.get('source')}:{v.get('name')}"
+            lines.append(("morphkit" if key == "version" else key, _count(v) if key == "params" else _value(v)))
+    lines += _user_lines(meta.get("user"))
+    if meta.get("widths"):
+        lines.append(("channels", ", ".join(f"{k}: {v}" for k, v in meta["widths"].items())))
+    for line in _table(lines):
+        click.echo(_printable(line))
+
+
+def _user_lines(user: Any) -> list[tuple[str, str] | str]:
+    """The fields ``save_model(**metadata)`` recorded; a width search as one line."""
+    lines: list[tuple[str, str] | str] = []
+    for k, v in (user if isinstance(user, dict) else {}).items():
+        if v is None:
+            continue
+        if k == "search" and isinstance(v, dict):
+            def pct(x: Any, acc: bool = v.get("metric") == "accuracy") -> str:
+                return f"{100 * x:.2f}%" if acc and isinstance(x, (int, float)) else _value(x)
+
+            uni = v.get("uniform") if isinstance(v.get("uniform"), dict) else {}
+            lines.append(("search", f"{v.get('metric')} {pct(v.get('value'))} on {_value(v.get('images'))} images of "
+                                    f"{_value(v.get('data'))} (uniform width {_value(uni.get('width'))}: "
+                                    f"{pct(uni.get('value'))}); {_value(v.get('evaluated'))} width maps in "
+                                    f"{_value(v.get('seconds'))} s"))
+        else:
+            lines.append((k, _value(v)))
+    return lines
 
 
 def _table(rows: list[tuple[str, str] | str]) -> list[str]:
@@ -416,9 +465,7 @@ def _model_lines(net: Any, meta: dict[str, Any], summary: dict[str, Any]) -> lis
         lines.append(("MACs", f"{_count(macs)}{rel}"))
     else:
         lines += [("params", _count(params)), ("MACs", _count(macs))]
-    user = meta.get("user") if isinstance(meta.get("user"), dict) else {}
-    for k, v in user.items():
-        lines.append((k, _value(v)))
+    lines += _user_lines(meta.get("user"))
     if widths:
         counts = {cid: f"{n}" for cid, n in widths.items()}
         if cliques is not None:
@@ -604,11 +651,29 @@ def _check_report_dir(output: str) -> None:
               help="safetensors (a morphkit model file) or onnx (a standard ONNX model; needs "
                    "`pip install 'morphkit[onnx]'`). Default: from the -o suffix (.onnx: onnx).")
 @click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset (default 17).")
+@click.option("--params", "params_budget", default=None, metavar="N",
+              help="Search the per-clique widths with the best score within N parameters (50k, 1.2M); needs --data.")
+@click.option("--macs", "macs_budget", default=None, metavar="N",
+              help="Budget of multiply-accumulates of the convolutions and linear layers per example (5M).")
+@click.option("--latency-ms", type=float, default=None,
+              help="Budget of milliseconds per forward pass of the example input, measured on this machine.")
+@click.option("--data", "data_spec", default=None,
+              help="Data the search scores width maps on (images from its training split, never its test split).")
+@click.option("--search-images", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Training-split images the search scores each width map on.")
+@click.option("--candidates", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Width maps the search scores.")
 @_threads_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write.")
 def export(manifold_file: str, width: float | None, compression: float | None, samples: int | None, seed: int,
-           unseen: str | None, round_to: int | None, fmt: str | None, opset: int | None, output: str) -> None:
-    """Sample a standard model from a manifold at --width or --compression and write it.
+           unseen: str | None, round_to: int | None, fmt: str | None, opset: int | None, params_budget: str | None,
+           macs_budget: str | None, latency_ms: float | None, data_spec: str | None, search_images: int,
+           candidates: int, output: str) -> None:
+    """Sample a standard model from a manifold at --width / --compression, or the best within a budget, and write it.
+
+    With --params / --macs / --latency-ms (and --data), the per-clique width
+    map with the best accuracy on training-split images within the budget is
+    searched over the manifold (no training), recorded in the file and reported.
 
     MANIFOLD_FILE may also be a model file (from `morphkit export` or
     `save_model`): it is then converted as it is, e.g. to ONNX with --format onnx.
@@ -626,6 +691,20 @@ def export(manifold_file: str, width: float | None, compression: float | None, s
         raise click.UsageError("--opset applies to --format onnx only")
     if width is not None and compression is not None:
         raise click.UsageError("pass one of --width W or --compression G, not both")
+    budget = {k: v for k, v in (("params", params_budget), ("macs", macs_budget), ("latency_ms", latency_ms))
+              if v is not None}
+    if budget and (width is not None or compression is not None):
+        raise click.UsageError("pass a width (--width/--compression) or a budget (--params/--macs/--latency-ms), "
+                               "not both")
+    if budget and data_spec is None:
+        raise click.UsageError("a budget search scores width maps on data: pass --data SPEC")
+    if data_spec is not None and not budget:
+        raise click.UsageError("--data applies to a budget search (--params/--macs/--latency-ms) only")
+    if budget:
+        from morphkit.search import parse_count
+
+        for k, v in budget.items():
+            budget[k] = parse_count(v, f"--{k.replace('_', '-')}")
     if compression is not None:
         if not 0 <= compression < 1:
             raise ConfigError(f"--compression must be in [0, 1), got {compression}")
@@ -636,13 +715,25 @@ def export(manifold_file: str, width: float | None, compression: float | None, s
     if meta["format"].startswith(MANIFOLD_FORMAT):
         from morphkit.manifold import Manifold
 
-        if width is None:
-            raise click.UsageError("pass --width W or --compression G to sample a model from a manifold")
+        if width is None and not budget:
+            raise click.UsageError("pass --width W, --compression G or a budget (--params/--macs/--latency-ms with "
+                                   "--data) to sample a model from a manifold")
         m = Manifold.load(manifold_file)
-        net = m.sample(width, samples=samples, seed=seed, unseen=unseen or "inr", round_to=round_to)
-        what = f"width {width:g}" + (f" rounded to multiples of {round_to}" if round_to else "")
+        found = None
+        if budget:
+            found = _search(m, data_spec, budget, round_to, candidates, search_images, seed)  # type: ignore[arg-type]
+            width_arg: Any = found.widths
+            from morphkit.search import _budget_text
+
+            what = f"the searched width map (budget: {_budget_text(budget)})"
+        else:
+            width_arg = width
+            what = f"width {width:g}" + (f" rounded to multiples of {round_to}" if round_to else "")
+        net = m.sample(width_arg, samples=samples, seed=seed, unseen=unseen or "inr", round_to=round_to)
         record = {"source": str(manifold_file), "width": width, "samples": samples or m.config.samples, "seed": seed,
                   "unseen": unseen or "inr", "round_to": round_to}
+        if found is not None:
+            record["search"] = {**found.to_json(), "data": data_spec}
     else:
         if any(v is not None for v in (width, samples, unseen, round_to)):
             raise ConfigError(f"{manifold_file!r} is a model file of fixed width: --width/--compression/--samples/"
@@ -662,6 +753,21 @@ def export(manifold_file: str, width: float | None, compression: float | None, s
         kind = "safetensors"
     click.echo(f"exported {what} ({count_params(net):,} params; channels {_channels(net)}; made in {seconds:.2f} s) "
                f"to {output} ({kind})")
+
+
+def _search(m: Any, data_spec: str, budget: dict[str, float], round_to: int | None, candidates: int,
+            images: int, seed: int) -> Any:
+    """Search a budget on ``images`` images of the training split (the test split stays unseen) and report it."""
+    from morphkit.data import load_data, make_loaders
+    from morphkit.search import search
+
+    splits = load_data(data_spec)
+    batch = min(256, images)
+    train_dl, _ = make_loaders(splits, batch_size=batch, augment=False, seed=seed + 1, limit=None)
+    found = search(m, train_dl, round_to=round_to, candidates=candidates, batches=max(1, -(-images // batch)),
+                   seed=seed, **budget)
+    click.echo(found.summary(), err=True)
+    return found
 
 
 def _channels(net: Any) -> str:

@@ -22,9 +22,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -210,11 +212,29 @@ class SearchResult:
         def fmt(v: float) -> str:
             return f"{100 * v:.2f}%" if self.metric == "accuracy" else f"MSE {v:.3f}"
 
-        budget = ", ".join(f"{k} {v:,.4g}" for k, v in self.budget.items())
+        budget = _budget_text(self.budget)
         return (f"searched {self.evaluated} width maps in {self.seconds:.0f} s: {self.metric} {fmt(self.value)} on "
                 f"{self.images:,} search images (uniform width {self.uniform['width']:.3f}: "
                 f"{fmt(self.uniform['value'])}); {self.params:,} params, {self.macs:,} MACs"
                 + (f", {self.latency_ms:.2f} ms" if self.latency_ms is not None else "") + f" (budget: {budget})")
+
+
+def _budget_text(budget: dict[str, float]) -> str:
+    """``{"params": 5e4, "latency_ms": 2}`` -> ``50,000 params, 2 ms``."""
+    names = {"params": "params", "macs": "MACs", "latency_ms": "ms"}
+    return ", ".join(f"{v:,.6g} {names.get(k, k)}" for k, v in budget.items())
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Only errors from logger ``name`` inside the block."""
+    log = logging.getLogger(name)
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
 
 
 def _batches(data: Any, batches: int) -> list[Any]:
@@ -311,13 +331,14 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
     if allow_untrained is None and not fits(smallest):
         floor = {c.id: c.channels_for(1e-9, round_to) for c in free}
         smallest = counts_at(0.0, np.ones(len(free)))
-        logger.warning("the budget %s is below the smallest model at trained widths (compression %g): the search "
-                       "also tries narrower, extrapolated widths", budget, hi)
+        logger.warning("the budget (%s) is below the smallest model at trained widths (compression %g): the search "
+                       "also tries narrower, extrapolated widths", _budget_text(budget), hi)
     if not fits(smallest):
         what = (f"{costs.params(smallest):,} params, {costs.macs(smallest):,} MACs"
                 + (f", {costs.latency_ms(smallest):.2f} ms" if "latency_ms" in budget else ""))
-        raise ConfigError(f"budget {budget} is below the smallest model the search may build ({what}: every clique "
-                          f"at the narrowest {'allowed' if allow_untrained else 'trained'} width); ask for more"
+        raise ConfigError(f"the budget ({_budget_text(budget)}) is below the smallest model the search may build "
+                          f"({what}: every clique at the narrowest {'allowed' if allow_untrained else 'trained'} "
+                          "width); ask for more"
                           + ("" if allow_untrained is not False else ", or pass allow_untrained=True"))
 
     def project(r: np.ndarray) -> dict[int, int]:
@@ -338,7 +359,8 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
     def score(counts: dict[int, int]) -> dict[str, Any]:
         key = tuple(sorted(counts.items()))
         if key not in scored:
-            net = manifold.sample(counts, samples=samples, seed=seed)
+            with _quiet("morphkit.manifold"):  # one warning about untrained widths, above, not one per candidate
+                net = manifold.sample(counts, samples=samples, seed=seed)
             m = evaluate(net, held, task=task)
             value = float(m[metric])
             scored[key] = {"widths": dict(counts), "value": value, "score": value if metric == "accuracy" else -value,

@@ -192,3 +192,36 @@ def test_info_prints_readable_tables(run):
     assert "layers" in res.output and "(50%)" in res.output
     res = CliRunner().invoke(main, ["info", str(run / "base.safetensors")])
     assert res.exit_code == 0 and "metrics:" in res.output and "accuracy" in res.output and "{" not in res.output
+
+
+def test_export_budget_search(run):
+    import morphkit as mk
+
+    m = mk.Manifold.load(run / "m.morph.safetensors")
+    budget = mk.count_params(m.sample(0.7, samples=1))
+    out = run / "searched.safetensors"
+    res = CliRunner().invoke(main, ["export", str(run / "m.morph.safetensors"), "--params", str(budget), "--data",
+                                    "embedded", "--search-images", "128", "--candidates", "4", "--samples", "2",
+                                    "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "searched" in res.output and "uniform width" in res.output
+    info = mk.model_info(out)
+    assert info["params"] <= budget and info["user"]["search"]["budget"] == {"params": budget}
+    res = CliRunner().invoke(main, ["info", str(out)])
+    assert res.exit_code == 0 and "search:" in res.output and "uniform width" in res.output, res.output
+    for args, needle in ((["--params", "10k"], "--data"), (["--params", "10k", "--width", "0.5", "--data", "embedded"],
+                                                            "not both"),
+                         (["--width", "0.5", "--data", "embedded"], "budget search"),
+                         (["--params", "lots", "--data", "embedded"], "--params")):
+        res = CliRunner().invoke(main, ["export", str(run / "m.morph.safetensors"), *args, "-o", str(run / "x.st")])
+        assert res.exit_code in (1, 2) and needle in res.output, (args, res.output)
+
+
+def test_info_of_an_onnx_file(run):
+    pytest.importorskip("onnx")
+    out = run / "w50.onnx"
+    res = CliRunner().invoke(main, ["export", str(run / "m.morph.safetensors"), "--width", "0.5", "--samples", "2",
+                                    "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["info", str(out)])
+    assert res.exit_code == 0 and "ONNX opset 17" in res.output and "batch" in res.output and "channels:" in res.output
