@@ -1,27 +1,30 @@
 """ResNet-20 on CIFAR-10: the paper's Table 2 on our data, whole network morphed, every method on one budget.
 
 Starts from the committed base (``results/base/resnet20-cifar10.safetensors``,
-written by ``train_bases.sh``) and gives every method the same number of
-training epochs (``--epochs``): NeuMeta morphs the base for that many epochs
-(compression U[0, 0.5], so 75% is never trained); the individually trained
-oracle trains each compressed structure from scratch for that many epochs
-(one model per compression; the base itself is the 0% oracle); the slimmable
-network trains its shared weights from scratch for that many epochs with the
-sandwich rule. L1, L2, Taylor, Hessian and random pruning prune the base
+written by ``train_bases.sh``). NeuMeta morphs the base with the default
+``MorphConfig`` for ``--morph-epochs`` (default 12: the data budget of the
+three individually trained models together; ``--compression-range 0,0.5`` is
+the paper's protocol, where 75% is never trained); the individually trained
+oracle trains each compressed structure from scratch for ``--epochs`` (one
+model per compression; the base itself is the 0% oracle), and
+``--oracle-epochs 10`` adds a second oracle row trained with the base's own
+10-epoch schedule; the slimmable network trains its shared weights from
+scratch for ``--epochs`` with the sandwich rule. L1, L2, Taylor, Hessian and random pruning prune the base
 without fine-tuning (``--finetune-epochs`` adds it). Every model of one
 compression has the same parameter count (asserted). Also reports each
 method's total training cost (wall time, epochs) and the parameters it stores
 to serve every width. Writes ``benchmarks/results/cifar10_resnet20.{json,md,png}``.
 
-On 2 CPU cores the default (``--epochs 4``) takes about an hour; on a
-GPU pass the paper's schedule (``--epochs 200 --device cuda``, after a 200-epoch
-base from ``train_bases.sh``).
+On 2 CPU cores the baselines (``--epochs 4``) take about 40 minutes and the
+12-epoch morph about an hour; on a GPU pass the paper's schedule
+(``--epochs 200 --morph-epochs 200 --device cuda``, after a 200-epoch base from
+``train_bases.sh``).
 
     python benchmarks/cifar10_resnet20.py --threads 2
-    python benchmarks/cifar10_resnet20.py --threads 2 --clean-base --name cifar10_resnet20_clean_base
-    python benchmarks/cifar10_resnet20.py --threads 2 --baselines-from benchmarks/results/cifar10_resnet20.json
-    python benchmarks/cifar10_resnet20.py --threads 1 --baselines-from benchmarks/results/cifar10_resnet20.json \
-        --base-jitter 0.25 --name cifar10_resnet20_jitter
+    python benchmarks/cifar10_resnet20.py --threads 2 --baselines-from benchmarks/results/cifar10_resnet20.json \
+        --oracle-epochs 10
+    python benchmarks/cifar10_resnet20.py --threads 2 --baselines-from benchmarks/results/cifar10_resnet20.json \
+        --compression-range 0,0.5 --name cifar10_resnet20_paper   # the paper's protocol: 75% never trained
 
 ``--baselines-from`` reruns NeuMeta only and takes every other method's rows
 (and their training times) from an earlier result of the same base, data,
@@ -59,8 +62,18 @@ def main() -> None:
     ap.add_argument("--data", default=f"cifar10:{DATA / 'cifar10-jpeg.tar.gz'}")
     ap.add_argument("--base", default=str(RESULTS / "base" / "resnet20-cifar10.safetensors"),
                     help="the trained base model file")
-    ap.add_argument("--epochs", type=int, default=4, help="training epochs of every method (NeuMeta, "
-                    "each individual model, slimmable)")
+    ap.add_argument("--epochs", type=int, default=4, help="training epochs of each individual model and of "
+                    "the slimmable network")
+    ap.add_argument("--morph-epochs", type=int, default=12, help="NeuMeta's morphing epochs (default 12: the data "
+                    "budget of the three individual models together)")
+    ap.add_argument("--compression-range", default=None, metavar="LO,HI",
+                    help="NeuMeta's trained compression range (default: TrainConfig's)")
+    ap.add_argument("--oracle-epochs", type=int, default=0, help="also train each compressed structure with the "
+                    "base's schedule for this many epochs (a second oracle row; 0 = none)")
+    ap.add_argument("--manifold", default=None, metavar="FILE",
+                    help="evaluate this saved manifold (its own config and training time) instead of morphing")
+    ap.add_argument("--precision", default="float32", choices=("float32", "bf16"),
+                    help="the --oracle-epochs models' training precision")
     ap.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning after pruning (0 = none)")
     ap.add_argument("--samples", type=int, default=50)
     ap.add_argument("--clean-base", action="store_true",
@@ -96,16 +109,27 @@ def main() -> None:
                              "--limit and --test-limit")
         old_meta, old_rows = reused_baselines(args.baselines_from, {
             "seed": args.seed, "data": lambda d: data_name(d) == data_name(args.data),
-            "budget": lambda b: (b or "").startswith(f"{args.epochs} epoch(s) per method"),
+            "budget": lambda b: (b or "").startswith(f"{args.epochs} epoch(s) per "),
             "base": lambda b: Path((b or "").split(":")[0]).name == Path(args.base).name})
         reused = {"meta": old_meta, "rows": old_rows}
-    cfg = mk.MorphConfig(train=mk.TrainConfig(epochs=args.epochs, seed=args.seed, base_jitter=args.base_jitter),
-                         samples=args.samples, inr=inr)
-    manifold = mk.morph(base, train, example_inputs=x, config=cfg, device=args.device)
-    times["morph"] = time.perf_counter() - t0
+    train_kw: dict = {"epochs": args.morph_epochs, "seed": args.seed, "base_jitter": args.base_jitter}
+    if args.compression_range:
+        train_kw["compression"] = tuple(float(v) for v in args.compression_range.split(","))
+    cfg = mk.MorphConfig(train=mk.TrainConfig(**train_kw), samples=args.samples, inr=inr)
+    lo, hi = cfg.train.compression
     manifold_file = RESULTS / "manifolds" / f"{args.name}.safetensors"
-    if args.limit is None:
-        manifold.save(manifold_file)
+    if args.manifold:
+        manifold = mk.Manifold.load(args.manifold)
+        cfg = manifold.config
+        args.morph_epochs = cfg.train.epochs
+        lo, hi = cfg.train.compression
+        times["morph"] = float(manifold.info.get("seconds", 0.0))
+        manifold_file = Path(args.manifold).resolve()
+    else:
+        manifold = mk.morph(base, train, example_inputs=x, config=cfg, device=args.device)
+        times["morph"] = time.perf_counter() - t0
+        if args.limit is None:
+            manifold.save(manifold_file)
 
     common = dict(base=base, samples=args.samples, seed=args.seed, train_data=train, train_epochs=args.epochs,
                   device=args.device)
@@ -122,6 +146,18 @@ def main() -> None:
     base_row = next(r for r in rows if r["method"] == "l1" and r["compression"] == 0.0)
     if reused is None:
         rows.append({**base_row, "method": "individual", "label": "individual", "seconds": 0.0})
+    if args.oracle_epochs:
+        oracle = f"individual-{args.oracle_epochs}ep"
+        rows = [r for r in rows if r["label"] != oracle]  # a reused file may hold an older one
+        extra = {"precision": "bf16"} if args.precision == "bf16" else {}
+        for g in COMPRESSIONS[1:]:
+            t1 = time.perf_counter()
+            net = mk.train_individual(base, 1 - g, train, epochs=args.oracle_epochs, example_inputs=x,
+                                      cliques=manifold.cliques, seed=args.seed, device=args.device, **extra)
+            acc = mk.evaluate(net, test)["accuracy"]
+            ref = next(r for r in rows if r["label"] == "individual" and r["compression"] == g)
+            rows.append({**ref, "label": oracle, "value": acc, "seconds": time.perf_counter() - t1})
+        rows.append({**base_row, "method": "individual", "label": oracle, "seconds": 0.0})
 
     for g in COMPRESSIONS:
         params = {r["params"] for r in rows if r["compression"] == g}
@@ -132,12 +168,16 @@ def main() -> None:
 
     base_params = base_row["params"]
     cost = {  # method -> (training wall time s, training epochs, stored parameters to serve every width)
-        "neumeta": (times["morph"], args.epochs, stored_params(manifold)),
+        "neumeta": (times["morph"], args.morph_epochs, stored_params(manifold)),
         "individual": (seconds("individual"), args.epochs * (len(COMPRESSIONS) - 1),
-                       sum(r["params"] for r in rows if r["method"] == "individual")),
+                       sum(r["params"] for r in rows if r["label"] == "individual")),
         "slimmable": (seconds("slimmable"), args.epochs, base_params),
         **{p: (0.0, 0, base_params) for p in PRUNING},
     }
+    if args.oracle_epochs:
+        cost[f"individual-{args.oracle_epochs}ep"] = (
+            seconds(f"individual-{args.oracle_epochs}ep"), args.oracle_epochs * (len(COMPRESSIONS) - 1),
+            cost["individual"][2])
     cost_md = ["", "## Training cost and stored parameters", "",
                "Beyond the base model (10 epochs, shared by NeuMeta and pruning; the individual oracle's 0% "
                "model is that base). Stored parameters: what serves every width (NeuMeta: the INR and its "
@@ -152,13 +192,14 @@ def main() -> None:
                        f"python {m['python']}, {m['date']}",
             "base": f"{Path(args.base).name}: {100 * mk.evaluate(base, test)['accuracy']:.2f}% "
                     "(10-epoch CPU schedule, see results/base/README.md)",
-            "budget": f"{args.epochs} epoch(s) per method (NeuMeta morph, each individual model, slimmable); "
-                      f"pruning without fine-tuning" + (f" and +{args.finetune_epochs} epoch(s)"
-                                                        if args.finetune_epochs else ""),
+            "budget": f"{args.epochs} epoch(s) per model (each individual model, slimmable), "
+                      f"NeuMeta {args.morph_epochs} morphing epochs; pruning without fine-tuning"
+                      + (f" and +{args.finetune_epochs} epoch(s)" if args.finetune_epochs else ""),
             "manifold": f"{'version-1 INR (fixed bilinear base, clean)' if args.clean_base else 'default INRConfig'}"
                         f" ({inr}), "
-                        f"{args.epochs} epochs, compression U[0, 0.5] (75% untrained), "
-                        f"base jitter {cfg.train.base_jitter}, "
+                        f"{args.morph_epochs} epochs, compression U[{lo:g}, {hi:g}]"
+                        f"{' (75% untrained)' if hi < 0.75 else ''}, sandwich {cfg.train.sandwich}, "
+                        f"BatchNorm {'folded' if cfg.fuse_bn else 'kept'}, base jitter {cfg.train.base_jitter}, "
                         f"K = {args.samples}; saved to {manifold_file.relative_to(RESULTS.parent.parent)}"
                         if args.limit is None else "not saved (smoke run)",
             "wall times (s)": ", ".join(f"{k} {v:.0f}" for k, v in times.items())

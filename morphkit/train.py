@@ -1,18 +1,26 @@
 """``morph()``: learn the weight manifold of a model (paper sections 3.2-3.4).
 
-Pipeline: copy the model, fold its BatchNorms, find its cliques, smooth each
-clique along its shortest Hamiltonian path, then train one INR over every
-predicted tensor of every resizable clique. Each step draws a width map
-(global compression ~ U[low, high], or one per clique), takes the cached
-resized template, predicts its weights from noisy coordinates, runs the batch
-through ``torch.func.functional_call`` and minimises
+Pipeline: copy the model (folding its BatchNorms only when asked), find its
+cliques, smooth each clique along its shortest Hamiltonian path, then train one
+INR over every predicted tensor of every resizable clique. The training loop
+reads top to bottom as named steps:
 
-    task + l1 * magnitude-weighted reconstruction (full width, a random subset of tensors)
-         + l2 * L2 of the predicted weights [+ distill * KL to the base model]
+1. :func:`draw_step_widths`: the width maps of this step (with the sandwich
+   rule, the narrowest width of the range plus one drawn from it);
+2. ``_Step.forward``: for each width map, take the cached resized template,
+   predict its weights from noisy coordinates, run the batch through
+   ``torch.func.functional_call`` (kept BatchNorms normalise with the batch's
+   statistics) and compute the losses,
 
-with Adam, cosine decay, gradient clipping and an EMA of the INR, which is
-what the returned :class:`~morphkit.manifold.Manifold` samples from. The
-caller's model is never modified; a run is deterministic for a seed.
+       mean over width maps of [task + distill * KL to the base model]
+         + l1 * magnitude-weighted reconstruction (full width, a random subset of tensors)
+         + l2 * L2 of the predicted weights;
+
+3. :func:`_update`: Adam with cosine decay, gradient clipping, the EMA of the
+   INR (what the returned :class:`~morphkit.manifold.Manifold` samples from);
+4. record, evaluate and checkpoint.
+
+The caller's model is never modified; a run is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +49,7 @@ from morphkit.checkpoint import (
     CHECKPOINT_NAME,
     TrainState,
     check_writable,
+    release_directory,
     load_checkpoint,
     optimizer_state,
     restore_rng,
@@ -55,25 +65,49 @@ from morphkit.inr import INR
 from morphkit.manifold import Manifold, as_inputs, build_inr, predict_tensors
 from morphkit.models import arch_of
 
-__all__ = ["morph", "prepare_base", "draw_widths", "MorphInterrupted"]
+__all__ = ["morph", "prepare_base", "draw_widths", "draw_step_widths", "collect_calibration", "MorphInterrupted"]
 
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+#: Width maps whose template, coordinate table and static tensors a run keeps built.
+PLAN_CACHE = 64
 
 
 class _Bound(nn.Module):
-    """A template module bound to predicted tensors, callable like the model."""
+    """A template module bound to predicted tensors, callable like the model.
 
-    def __init__(self, template: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    The template stays in eval mode (dropout off) except its kept BatchNorms
+    (``batch_norms``), which normalise with the batch's own statistics and
+    update no running statistics: those of a sampled width are recomputed
+    when it is sampled.
+    """
+
+    def __init__(self, template: nn.Module, tensors: dict[str, torch.Tensor],
+                 batch_norms: list[nn.Module] = ()) -> None:  # type: ignore[assignment]
         super().__init__()
         self.template = template
         self.tensors = tensors
+        self.batch_norms = list(batch_norms)
         self.last_output: Any = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.last_output = functional_call(self.template, self.tensors, args, kwargs, strict=True)
+        saved = [(m.training, m.track_running_stats) for m in self.batch_norms]
+        try:
+            for m in self.batch_norms:
+                m.training, m.track_running_stats = True, False
+            self.last_output = functional_call(self.template, self.tensors, args, kwargs, strict=True)
+        finally:
+            for m, (tr, track) in zip(self.batch_norms, saved):
+                m.training, m.track_running_stats = tr, track
         return self.last_output
+
+
+def kept_batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorms of a (template) model that fusion did not fold: they normalise per width."""
+    from morphkit.manifold import bn_modules_to_calibrate
+
+    return bn_modules_to_calibrate(model)
 
 
 def _check_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -134,6 +168,60 @@ def draw_widths(cliques: list, low: float, high: float, per_clique: bool, gen: t
     return {c.id: c.channels_for(width() if per_clique else w) for c in cliques}
 
 
+def draw_step_widths(cliques: list, cfg: Any, gen: torch.Generator) -> list[WidthMap]:
+    """The width maps one training step trains on the same batch.
+
+    With ``cfg.sandwich`` (the default): the narrowest width of the range
+    (compression ``high`` on every clique) and one map drawn from the range;
+    otherwise the drawn map alone (the paper).
+
+    Example:
+        >>> maps = draw_step_widths(cliques, TrainConfig(), torch.Generator())  # doctest: +SKIP
+        >>> len(maps)                                                            # doctest: +SKIP
+        2
+    """
+    low, high = cfg.compression
+    drawn = draw_widths(cliques, low, high, cfg.per_clique, gen)
+    if not cfg.sandwich:
+        return [drawn]
+    narrowest = {c.id: c.channels_for(1.0 - high) for c in cliques}
+    return [narrowest, drawn]
+
+
+def collect_calibration(data: Iterable, count: int) -> torch.Tensor | None:
+    """The first ``count`` inputs of a fresh pass over ``data``, stored to recalibrate BatchNorms per width.
+
+    Returns None when ``count`` is 0, when ``data`` can be iterated only once
+    (a generator: its batches are kept for training) or when its inputs are
+    not floating-point tensors.
+
+    Example:
+        >>> collect_calibration([(torch.ones(4, 3), torch.zeros(4))] * 3, 10).shape
+        torch.Size([10, 3])
+    """
+    if count <= 0 or iter(data) is data:
+        return None
+    epoch = int(getattr(data, "epoch", 0) or 0)
+    got, n = [], 0
+    try:
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(epoch)
+        for batch in data:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+                return None
+            got.append(x[: count - n].detach().cpu())
+            n += got[-1].shape[0]
+            if n >= count:
+                break
+    finally:
+        if hasattr(data, "set_epoch"):  # the training stream starts where it would have
+            data.set_epoch(epoch)
+    if not got:
+        return None
+    return torch.cat(got).float()  # (N, *input_shape)
+
+
 def _stream(data: Iterable, state: TrainState, rank: int, world: int) -> Iterator[Any]:
     """This rank's batches, forever, keeping ``state.epoch``/``state.pos`` at the global data position.
 
@@ -167,6 +255,17 @@ def _stream(data: Iterable, state: TrainState, rank: int, world: int) -> Iterato
         state.epoch, state.pos = state.epoch + 1, 0
 
 
+@dataclass
+class _WidthPlan:
+    """What one width map needs each time it is trained (built once, cached)."""
+
+    counts: WidthMap
+    table: Any  # CoordTable of the width map
+    template: nn.Module  # the base structure resized to it
+    static: dict[str, torch.Tensor]  # static tensors sliced to it, on the training device
+    batch_norms: list[nn.Module]  # the template's kept BatchNorms (batch statistics in training)
+
+
 class _Step(nn.Module):
     """One training step's loss as a module, so DistributedDataParallel can wrap it.
 
@@ -181,30 +280,48 @@ class _Step(nn.Module):
         self.inr = inr
         self._ctx = (builder, full_table, targets, norms, loss_fn, cfg, teacher)  # not submodules
 
-    def forward(self, batch: Any, table: Any, template: nn.Module, static: dict[str, torch.Tensor],
-                which: list[int] | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Any, plans: list[_WidthPlan], which: list[int] | None,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, task, recon)``: the step's loss, its task part (mean over width maps) and reconstruction."""
         builder, full_table, targets, norms, loss_fn, cfg, teacher = self._ctx
         tc = cfg.train
-        n_pred = len(builder.layouts)
-        pred = predict_tensors(self.inr, builder, table, noise=tc.noise, generator=gen, which=which,
+        t_out = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = teacher(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        tasks, fits, l2s = [], [], []  # per width map
+        for plan in plans:
+            pred = self._predict(plan, which, gen)
+            bound = _Bound(plan.template, {**plan.static, **pred}, plan.batch_norms)
+            task = loss_fn(bound, batch)
+            tasks.append(task.detach())
+            fits.append(task + self._distill(bound.last_output, t_out, tc.distill))
+            l2s.append(sum(t.pow(2).sum() for t in pred.values()))
+        fit = torch.stack(fits).mean()
+        recon = _recon_loss(self.inr, full_table, targets, norms, tc.recon_fraction, tc.noise, gen, fit.device)
+        loss = fit + tc.l1 * recon + tc.l2 * torch.stack(l2s).mean()
+        return loss, torch.stack(tasks).mean(), recon.detach()
+
+    def _predict(self, plan: _WidthPlan, which: list[int] | None, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """The width map's predicted tensors, one noisy draw (``which``: the ones trained this step)."""
+        builder, _, _, _, _, cfg, _ = self._ctx
+        tc = cfg.train
+        pred = predict_tensors(self.inr, builder, plan.table, noise=tc.noise, generator=gen, which=which,
                                jitter=tc.base_jitter)
         if which is not None:
             with torch.no_grad():
                 chosen = set(which)
-                rest = [i for i in range(n_pred) if i not in chosen]
-                pred.update(predict_tensors(self.inr, builder, table, noise=0.0, which=rest))
-        bound = _Bound(template, {**static, **pred})
-        task = loss_fn(bound, batch)
-        dev = task.device
-        recon = _recon_loss(self.inr, full_table, targets, norms, tc.recon_fraction, tc.noise, gen, dev)
-        loss = task + tc.l1 * recon + tc.l2 * sum(t.pow(2).sum() for t in pred.values())
-        if teacher is not None and isinstance(bound.last_output, torch.Tensor):
-            with torch.no_grad():
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                t_out = teacher(x)
-            loss = loss + tc.distill * F.kl_div(F.log_softmax(bound.last_output, -1), F.softmax(t_out, -1),
-                                                reduction="batchmean")
-        return loss, task.detach(), recon.detach()
+                rest = [i for i in range(len(builder.layouts)) if i not in chosen]
+                pred.update(predict_tensors(self.inr, builder, plan.table, noise=0.0, which=rest))
+        return pred
+
+    @staticmethod
+    def _distill(out: Any, t_out: Any, weight: float) -> torch.Tensor:
+        """``weight`` * KL(teacher || student) of the outputs' softmax, where both are ``(batch, classes)`` logits."""
+        if weight <= 0 or not isinstance(out, torch.Tensor) or not isinstance(t_out, torch.Tensor) \
+                or out.shape != t_out.shape or out.dim() != 2:
+            return torch.zeros((), device=out.device if isinstance(out, torch.Tensor) else None)
+        return weight * F.kl_div(F.log_softmax(out, -1), F.softmax(t_out, -1), reduction="batchmean")
 
 
 def _distributed(dev: torch.device) -> tuple[int, int, bool]:
@@ -369,10 +486,18 @@ def morph(
             raise UnsupportedModelError("no tensor of this model depends on a resizable clique; nothing to learn")
         static = {n: state_dict[n].detach().clone() for n in static_names}
         inr = build_inr(layouts, cfg)
-        manifold = Manifold(inr, cliques, layouts, static, base, inputs, cfg, arch_of(model), perms, fused_bn=fused)
+        calib = None
+        if not fused and kept_batch_norms(base):
+            calib = collect_calibration(train_data, min(cfg.calib_samples, _calib_cap(inputs)))
+            if calib is None:
+                logger.warning("no calibration inputs stored (calib_samples=0, a one-pass iterable or non-float "
+                               "inputs): pass calib_data= to Manifold.sample to get BatchNorm statistics per width")
+        manifold = Manifold(inr, cliques, layouts, static, base, inputs, cfg, arch_of(model), perms, fused_bn=fused,
+                            calib=calib)
         builder = manifold.builder
         if inr.residual:
             inr.set_grids([builder.grid(k, state_dict[lt.name].detach().float()) for k, lt in enumerate(layouts)])
+        own_loss = loss_fn is not None
         if loss_fn is None:
             loss_fn = default_loss(model)
         if cfg.inr.precision == "bfloat16" and dev.type == "cpu" and not _fast_cpu_bf16():
@@ -401,7 +526,7 @@ def morph(
         opt = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)  # one kernel per op
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
         gen = torch.Generator().manual_seed(tc.seed + rank)
-        teacher = base.to(dev) if tc.distill > 0 else None
+        teacher = base.to(dev) if tc.distill > 0 and not own_loss and _logits_model(base, inputs) else None
         state = TrainState(start_epoch=int(getattr(train_data, "epoch", 0) or 0))
         if loaded is not None:
             tensors, meta = loaded
@@ -438,7 +563,22 @@ def morph(
 
         if loaded is not None:
             restore_rng(*_rng_part(loaded))
-        static_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        plan_cache: dict[tuple, _WidthPlan] = {}
+
+        def plan_for(counts: WidthMap) -> _WidthPlan:
+            """The cached plan of a width map (at most ``PLAN_CACHE`` kept, least recently used dropped)."""
+            key = tuple(sorted(counts.items()))
+            plan = plan_cache.pop(key, None)
+            if plan is None:
+                template = manifold.template(counts)
+                plan = _WidthPlan(counts, builder.table(counts), template,
+                                  {n: t.to(dev) for n, t in manifold.static_tensors(counts).items()},
+                                  kept_batch_norms(template) if not fused else [])
+            plan_cache[key] = plan
+            while len(plan_cache) > PLAN_CACHE:
+                plan_cache.pop(next(iter(plan_cache)))
+            return plan
+
         data_iter = _stream(train_data, state, rank, world)
         n_pred = len(layouts)
         t0 = time.perf_counter() - state.train_seconds
@@ -454,33 +594,24 @@ def morph(
                     bar.close()
                     raise MorphInterrupted(f"morph interrupted at step {step}; checkpoint in {checkpoint_dir}")
                 batch = to_device(next(data_iter), dev)
-                counts = draw_widths(cliques, tc.compression[0], tc.compression[1], tc.per_clique, gen)
-                table = builder.table(counts)
-                template = manifold.template(counts)
-                key = tuple(sorted(counts.items()))
-                if key not in static_cache:
-                    static_cache[key] = {n: t.to(dev) for n, t in manifold.static_tensors(counts).items()}
+                # 1. the width maps of this step
+                maps = draw_step_widths(cliques, tc, gen)
+                counts = maps[-1]  # the drawn one (the first is the narrowest under the sandwich rule)
+                width = sum(counts.values()) / sum(full.values())
                 which = None
                 if tc.tensor_fraction < 1:
                     k = max(1, round(tc.tensor_fraction * n_pred))
                     which = sorted(torch.randperm(n_pred, generator=gen)[:k].tolist())
-                loss, task, recon = runner(batch, table, template, static_cache[key], which, gen)
-                width = sum(counts.values()) / sum(full.values())
+                # 2. predict each map's weights, run the batch, the losses
+                loss, task, recon = runner(batch, [plan_for(m) for m in maps], which, gen)
                 if _any_rank(not bool(torch.isfinite(loss)), world, dev):
                     what = (loss.item() if world == 1 else
                             f"non-finite on one of {world} processes ({loss.item()} on rank {rank})")
                     raise TrainingError(f"loss became {what} at step {step} (width map {counts}, mean width "
                                         f"{width:.2f}); the last checkpoint is kept; lower train.lr or check the "
                                         "data and loss_fn")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(inr.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-                if not torch.isfinite(gnorm):
-                    raise TrainingError(f"gradient norm became {gnorm.item()} at step {step} (mean width "
-                                        f"{width:.2f}); the last checkpoint is kept; lower train.lr or train.grad_clip")
-                opt.step()
-                sched.step()
-                _ema_update(ema, inr, tc.ema, step)
+                # 3. the update
+                _update(loss, inr, ema, opt, sched, tc, step, width)
                 step_times.append(time.perf_counter() - t_step)
                 x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
                 state.seen += x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else 1
@@ -516,14 +647,45 @@ def morph(
         manifold.info = info
         return manifold
     finally:
+        if checkpoint_dir is not None and rank == 0:  # the lock check_writable took for this run
+            release_directory(checkpoint_dir)
         if owns_group:  # also after an error, so a later call can start a new group
             dist.destroy_process_group()
+
+
+def _update(loss: torch.Tensor, inr: INR, ema: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+            tc: Any, step: int, width: float) -> None:
+    """Backward, clip, Adam step, learning-rate schedule, EMA; raises TrainingError on a non-finite gradient."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(inr.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+    if not torch.isfinite(gnorm):
+        raise TrainingError(f"gradient norm became {gnorm.item()} at step {step} (mean width "
+                            f"{width:.2f}); the last checkpoint is kept; lower train.lr or train.grad_clip")
+    opt.step()
+    sched.step()
+    _ema_update(ema, inr, tc.ema, step)
+
+
+def _logits_model(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the model's output is one ``(batch, classes)`` tensor: where distillation applies."""
+    with torch.no_grad():
+        out = model(*inputs)
+    return isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] > 1
 
 
 def _fast_cpu_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def _calib_cap(inputs: tuple[torch.Tensor, ...]) -> int:
+    """How many calibration inputs fit the stored limit (MAX_CALIB_ELEMENTS numbers)."""
+    from morphkit.manifold import MAX_CALIB_ELEMENTS
+
+    per = max(1, inputs[0][0].numel()) if inputs[0].dim() else 1
+    return max(1, MAX_CALIB_ELEMENTS // per)
 
 
 def _rng_part(loaded: tuple[dict, dict]) -> tuple[dict, dict]:

@@ -319,7 +319,7 @@ def test_fold_rows_merges_cells_with_box_filters_and_composes_when_cells_nest():
 def test_unseen_fold_builds_widths_below_the_trained_range_from_trained_ones(trained):
     _, _, m = trained
     lo, hi = m.config.train.compression
-    inside, below = 1 - hi, 0.25
+    inside, below = 1 - hi, (1 - hi) / 2
     assert m.fold_sources(m.width_map(inside)) == []
     sources = m.fold_sources(m.width_map(below))
     assert len(sources) == 4

@@ -1,0 +1,142 @@
+"""Per-clique widths: random width maps against the uniform width of the same parameter count.
+
+A user may give each clique its own width (``manifold.sample({clique_id:
+channels})``). For a committed manifold this draws ``--maps`` random per-clique
+width maps at each target size (the parameter counts of the uniform 50% and
+75% models), samples each, and compares their test accuracy with the uniform
+model of that size. A map is drawn as ``width_c = clip(t + spread * u_c, lo, 1)``
+with ``u_c ~ U(-1, 1)`` per resizable clique and the offset ``t`` found by
+bisection so that the map's parameter count is within ``--tolerance`` of the
+target. At 75% no map can stay inside a (0, 0.75) training range without being
+the uniform one (every clique would have to be at its narrowest), so the table
+also counts the cliques that fall below the trained range (extrapolated).
+Writes ``benchmarks/results/per_clique_NAME.{json,md}``.
+
+    python benchmarks/per_clique.py --manifold benchmarks/results/manifolds/cifar10_resnet20.safetensors \\
+        --data cifar10 --threads 1
+    python benchmarks/per_clique.py --manifold benchmarks/results/manifolds/mnist_lenet.safetensors \\
+        --data mnist --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from _common import DATA, RESULTS, machine, write
+
+import morphkit as mk
+from morphkit.data import load_data, make_loaders
+
+SPECS = {"cifar10": f"cifar10:{DATA / 'cifar10-jpeg.tar.gz'}", "mnist": f"mnist:{DATA / 'mnist'}"}
+
+
+def params_of(manifold: mk.Manifold, counts: dict[int, int]) -> int:
+    """Parameters of the model at a width map (from the cached resized template)."""
+    return sum(p.numel() for p in manifold.template(counts).parameters())
+
+
+def draw_map(manifold: mk.Manifold, target: int, spread: float, low: float, gen: torch.Generator,
+             tolerance: float) -> dict[int, int] | None:
+    """A random per-clique width map whose parameter count is within ``tolerance`` of ``target``, or None."""
+    resizable = [c for c in manifold.cliques if not c.fixed]
+    u = {c.id: float(torch.rand((), generator=gen)) * 2 - 1 for c in resizable}
+
+    def at(t: float) -> dict[int, int]:
+        out = {c.id: c.size for c in manifold.cliques}
+        for c in resizable:
+            out[c.id] = c.channels_for(min(1.0, max(low, t + spread * u[c.id])))
+        return out
+
+    lo_t, hi_t = low - spread, 1.0 + spread
+    for _ in range(30):
+        mid = (lo_t + hi_t) / 2
+        if params_of(manifold, at(mid)) < target:
+            lo_t = mid
+        else:
+            hi_t = mid
+    best = min((at(lo_t), at(hi_t)), key=lambda m: abs(params_of(manifold, m) - target))
+    return best if abs(params_of(manifold, best) - target) <= tolerance * target else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--manifold", required=True)
+    ap.add_argument("--data", choices=sorted(SPECS), required=True)
+    ap.add_argument("--maps", type=int, default=20, help="random maps per target size")
+    ap.add_argument("--spread", type=float, default=0.2, help="half-range of the per-clique width offsets")
+    ap.add_argument("--tolerance", type=float, default=0.01, help="relative parameter-count tolerance")
+    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default=None, help="result name (default: per_clique_<manifold stem>)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.name or "per_clique_" + Path(args.manifold).name.split(".")[0]
+    manifold = mk.Manifold.load(args.manifold)
+    splits = load_data(SPECS[args.data])
+    train, test = make_loaders(splits, batch_size=128, seed=args.seed, test_batch_size=500)
+    hi = manifold.config.train.compression[1]
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    groups = []
+    for g in (0.5, 0.75):
+        uniform = manifold.width_map(1 - g)
+        target = params_of(manifold, uniform)
+        u_acc = mk.evaluate(manifold.sample(uniform, samples=args.samples), test)["accuracy"]
+        maps, tries = [], 0
+        while len(maps) < args.maps and tries < 20 * args.maps:
+            tries += 1
+            m = draw_map(manifold, target, args.spread, 1 / 16, gen, args.tolerance)
+            if m is not None and m != uniform:
+                maps.append(m)
+        rows = []
+        for m in maps:
+            acc = mk.evaluate(manifold.sample(m, samples=args.samples), test)["accuracy"]
+            widths = [m[c.id] / c.size for c in manifold.cliques if not c.fixed]
+            rows.append({"accuracy": acc, "params": params_of(manifold, m), "untrained": len(manifold.untrained(m)),
+                         "min_width": round(min(widths), 3), "max_width": round(max(widths), 3),
+                         "widths": {str(k): v for k, v in m.items()}})
+            print(f"compression {g}: {100 * acc:.2f}% ({rows[-1]['params']:,} params, "
+                  f"{rows[-1]['untrained']} cliques below the trained range)", flush=True)
+        accs = [r["accuracy"] for r in rows]
+        groups.append({"compression": g, "uniform_accuracy": u_acc, "uniform_params": target, "maps": rows,
+                       "mean": statistics.mean(accs) if accs else None,
+                       "stdev": statistics.stdev(accs) if len(accs) > 1 else None,
+                       "min": min(accs) if accs else None, "max": max(accs) if accs else None})
+    seconds = time.perf_counter() - t0
+    m = machine()
+    result = {"machine": m, "manifold": args.manifold, "trained_compression": list(manifold.config.train.compression),
+              "per_clique_training": manifold.config.train.per_clique, "spread": args.spread,
+              "tolerance": args.tolerance, "samples": args.samples, "seconds": round(seconds, 1), "groups": groups}
+    md = [f"# {name}: random per-clique width maps against the uniform width", "",
+          f"Command: `{m['command']}`  ",
+          f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}; "
+          f"{m['date']}  ",
+          f"Manifold: `{args.manifold}` (trained on compression U{list(manifold.config.train.compression)}, "
+          f"{'per-clique' if manifold.config.train.per_clique else 'uniform'} width maps); K = {args.samples}; "
+          f"maps: width offsets U(-{args.spread}, {args.spread}) per clique, parameter count within "
+          f"{100 * args.tolerance:g}% of the uniform model's; {seconds:.0f} s.", "",
+          "| compression | uniform | random maps: mean | stdev | min | max | maps | mean gap | cliques below "
+          "trained range (mean) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for gr in groups:
+        if not gr["maps"]:
+            md.append(f"| {100 * gr['compression']:g}% | {100 * gr['uniform_accuracy']:.2f}% | no map drawn | | | | 0 "
+                      "| | |")
+            continue
+        below = statistics.mean(r["untrained"] for r in gr["maps"])
+        md.append(f"| {100 * gr['compression']:g}% ({gr['uniform_params']:,} params) | "
+                  f"{100 * gr['uniform_accuracy']:.2f}% | {100 * gr['mean']:.2f}% | "
+                  f"{100 * (gr['stdev'] or 0):.2f} | {100 * gr['min']:.2f}% | {100 * gr['max']:.2f}% | "
+                  f"{len(gr['maps'])} | {100 * (gr['mean'] - gr['uniform_accuracy']):+.2f} | {below:.1f} |")
+    md += ["", f"Trained range: compression up to {hi:g}; a clique narrower than that is extrapolated by the INR."]
+    write(name, result, "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
