@@ -544,6 +544,9 @@ def morph_cmd(model: str, data_spec: str, epochs: int | None, steps: int | None,
         top["inr"] = dataclasses.replace(cfg.inr, precision={"fp32": "float32", "bf16": "bfloat16"}[precision])
     if overrides or top:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides), **top)
+    from morphkit.untrusted import check_config_budget
+
+    check_config_budget(cfg)
     _check_writable(output, model, config_path, checkpoint_dir)
     net = _resolve_model(model)
     splits = load_data(data_spec)

@@ -31,6 +31,8 @@ reaches them.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import re
 import unicodedata
@@ -44,21 +46,22 @@ from torch import nn
 from morphkit.config import MAX_SAMPLES, MorphConfig
 from morphkit.errors import MAX_MESSAGE_CHARS, CheckpointError, ConfigError, MorphkitError, UnsupportedModelError
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "MAX_MESSAGE_CHARS", "MAX_SAMPLES", "MAX_INPUT_ELEMENTS", "MAX_MODEL_ELEMENTS", "MAX_BASE_RATIO",
     "MAX_FREE_ELEMENTS", "MAX_ARCH_KWARGS", "MAX_IDX_BYTES", "MAX_ARCHIVE_MEMBER_BYTES", "MAX_IMAGE_PIXELS",
-    "MAX_DECODED_BYTES", "REGISTRY_KWARGS", "TIMM_KWARGS", "check_arch", "check_arch_kwargs", "check_samples",
-    "probe_shapes", "check_fits", "check_model_meta", "parse_manifold_meta", "check_structure", "for_terminal",
-    "clip", "describe_mismatch",
+    "MAX_DECODED_BYTES", "MAX_INR_TRUNK", "MAX_FILE_SAMPLES", "REGISTRY_KWARGS", "TIMM_KWARGS",
+    "check_arch", "check_arch_kwargs", "check_samples", "check_config_budget", "probe_shapes", "check_fits",
+    "check_model_meta", "parse_manifold_meta", "check_structure", "for_terminal", "clip", "describe_mismatch",
 ]
 
 # =========================================================================== 1. bounds
 
-#: Longest error message (characters); longer text is cut with a note (see :mod:`morphkit.errors`).
-#: (Defined in errors.py, which everything imports; re-exported here so the bounds read in one place.)
-_ = MAX_MESSAGE_CHARS
-#: Largest ``samples`` (K noisy draws averaged) from any source: an argument, a flag, a config, a file.
-_ = MAX_SAMPLES
+# MAX_MESSAGE_CHARS (imported from errors.py, which everything imports): the longest error message;
+#   longer text is cut with a note.
+# MAX_SAMPLES (imported from config.py): the largest ``samples`` (K noisy draws averaged) from any
+#   source: an argument, a flag, a config, a file (see also MAX_FILE_SAMPLES below).
 #: Largest example input (elements) an ``arch`` or a manifold file may ask for.
 MAX_INPUT_ELEMENTS = 1 << 26
 #: Largest model (parameters + buffers, counted on the meta device) built from a spec or a file's ``arch``.
@@ -80,6 +83,28 @@ MAX_ARCHIVE_MEMBER_BYTES = 64 << 20
 MAX_IMAGE_PIXELS = 1 << 26
 #: Largest total of decoded pixel bytes of one data set held in memory.
 MAX_DECODED_BYTES = 32 << 30
+#: Largest INR trunk (hidden^2 x layers weights) a config may ask for: each of hidden and layers can be
+#: in range while together they need hundreds of GB (16384^2 x 256 = 69 G weights).
+MAX_INR_TRUNK = 1 << 28
+#: A manifold file's own default K (``config.samples``) above this is lowered to it on load (with a
+#: warning): the file decides how long ``sample()`` runs when the caller passes no ``samples=``.
+MAX_FILE_SAMPLES = 1000
+
+
+def check_config_budget(config: MorphConfig) -> None:
+    """Refuse a config whose INR would be huge although each value is in range.
+
+    Raises:
+        ConfigError: ``hidden**2 * layers`` above ``MAX_INR_TRUNK``.
+
+    Example:
+        >>> check_config_budget(MorphConfig())
+    """
+    trunk = config.inr.hidden ** 2 * config.inr.layers
+    if trunk > MAX_INR_TRUNK:
+        raise ConfigError(f"inr.hidden {config.inr.hidden} x inr.layers {config.inr.layers}: an INR trunk of "
+                          f"{trunk:,} weights (hidden^2 x layers), more than the {MAX_INR_TRUNK:,} morphkit trains; "
+                          "the defaults are hidden 64, layers 3")
 
 
 def check_samples(samples: Any, what: str = "samples") -> int:
@@ -362,6 +387,10 @@ def parse_manifold_meta(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) 
     for key in ("config", "cliques", "layouts", "static", "input_shapes", "input_dtypes"):
         _need(key in meta, "field", key, "present (the file lacks it)")
     config = MorphConfig.from_dict(meta["config"])
+    if config.samples > MAX_FILE_SAMPLES:
+        logger.warning("the manifold file asks for %d noisy draws per sample by default; using %d (pass samples= "
+                       "to sample() for more)", config.samples, MAX_FILE_SAMPLES)
+        config = dataclasses.replace(config, samples=MAX_FILE_SAMPLES)
     _need(isinstance(meta["cliques"], list), "cliques", meta["cliques"], "a list")
     cliques = [Clique.from_json(c) for c in meta["cliques"]]
     ids = [c.id for c in cliques]

@@ -908,3 +908,42 @@ def test_data_that_does_not_fit_the_model(batches):
     with refused(UnsupportedModelError, "the model cannot run on this data (a batch of shape (16, 3, 28, 28)",
                  "channels"):
         mk.evaluate(mk.build_model("lenet5"), rgb)
+
+
+# --------------------------------------------------------------------------- work decided by the input
+
+
+def test_manifold_file_cannot_choose_a_huge_k(tmp_path, caplog):
+    from morphkit.untrusted import MAX_FILE_SAMPLES
+
+    tensors, meta = parts(valid_files()["manifold"])
+    p = tmp_path / "k.safetensors"
+    p.write_bytes(rewrite(tensors, dict(meta, config=dict(meta["config"], samples=100_000))))
+    assert mk.Manifold.load(p).config.samples == MAX_FILE_SAMPLES
+    assert "asks for 100000 noisy draws" in caplog.text
+    p.write_bytes(rewrite(tensors, dict(meta, config=dict(meta["config"], samples=10**9))))
+    with refused(CheckpointError, "samples: got 1000000000"):
+        mk.Manifold.load(p)
+
+
+def test_config_budget():
+    from morphkit.untrusted import check_config_budget
+
+    cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=16384, layers=256))  # each value in range
+    with refused(ConfigError, "inr.hidden 16384 x inr.layers 256", "68,719,476,736 weights"):
+        check_config_budget(cfg)
+
+
+@pytest.mark.parametrize("samples", [10**9, 0, -1, 2.5, True])
+def test_sample_count_bounded(samples):
+    from morphkit.untrusted import check_samples
+
+    with refused(ConfigError, "samples must be an int in [1, 100000]"):
+        check_samples(samples)
+
+
+def test_error_messages_are_bounded():
+    with refused(UnsupportedModelError) as info:
+        mk.build_model("timm:resnet18?" + "&".join(f"k{i}={'x' * 1000}" for i in range(1000)))
+    assert len(str(info.value)) <= 2000
+    assert len(str(ConfigError("y" * 10**7))) <= 2000 and "more characters" in str(ConfigError("y" * 10**7))
