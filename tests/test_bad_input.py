@@ -847,7 +847,8 @@ def _nan_lenet() -> nn.Module:
 
 @pytest.mark.parametrize("make,x,fragments", [
     (lambda: mk.build_model("lenet5").half(), X.half(), ["parameters are torch.float16", "model.float()"]),
-    (lambda: mk.build_model("lenet5").bfloat16(), X.bfloat16(), ["parameters are torch.bfloat16", ".to(torch.bfloat16)"]),
+    (lambda: mk.build_model("lenet5").bfloat16(), X.bfloat16(),
+     ["parameters are torch.bfloat16", ".to(torch.bfloat16)"]),
     (lambda: Tied(), X, ["'b.weight' and 'd.weight' are one tied tensor", "untie them"]),
     (_nan_lenet, X, ["weights are not finite", "'fc1.weight' holds 1 NaN/inf values"]),
 ], ids=["float16", "bfloat16", "tied", "nan weights"])

@@ -331,6 +331,72 @@ def test_valid_files_load(tmp_path):
     assert mk.model_info(tmp_path / "base.safetensors")["widths"] is None
 
 
+# --------------------------------------------------------------------------- architectures and text
+
+_ARCH_KEYS = ["num_classes", "in_chans", "hidden", "widths", "blocks", "in_channels", "checkpoint_path",
+              "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "global_pool",
+              "img_size", "depth", "drop_rate", "__class__", "", "x" * 200]
+_ARCH_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True)
+    | st.sampled_from(["avg", "/etc/passwd", "../x.pth", "hf-hub:timm/x", "file:///x", "a" * 100, "\x1b[31m"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=FAST // 2, derandomize=True, **_common)
+@given(source=st.sampled_from(["morphkit", "timm"]),
+       name=st.sampled_from(["lenet5", "mlp", "resnet20", "resnet10t", "hf-hub:x/y",
+                             "local-dir:/tmp", "../lenet5", ""]),
+       kwargs=st.dictionaries(st.sampled_from(_ARCH_KEYS), _ARCH_VALUES, max_size=3))
+def test_fuzz_arch(source, name, kwargs):
+    """Any arch either builds a model within the bounds or raises MorphkitError; none reaches torch.load."""
+    import pickle
+
+    import morphkit.untrusted as untrusted
+    from morphkit.models import build_from_arch
+    from morphkit.untrusted import REGISTRY_KWARGS, TIMM_KWARGS
+
+    def forbidden(*args, **kw):
+        raise AssertionError("torch.load / pickle reached")
+
+    limit = 1 << 24  # the bound under test, lowered so that no example allocates gigabytes
+    with pytest.MonkeyPatch.context() as mp, _time_limit(HANG_S):
+        mp.setattr(untrusted, "MAX_MODEL_ELEMENTS", limit)
+        mp.setattr(torch, "load", forbidden)
+        mp.setattr(pickle, "load", forbidden)
+        mp.setattr(pickle, "loads", forbidden)
+        try:
+            model = build_from_arch({"source": source, "name": name, "kwargs": kwargs})
+        except MorphkitError:
+            return
+    allowed = REGISTRY_KWARGS.get(name, frozenset()) if source == "morphkit" else TIMM_KWARGS
+    assert set(kwargs) <= allowed
+    assert sum(t.numel() for t in model.state_dict().values()) <= limit
+
+
+@settings(max_examples=200, derandomize=True, **_common)
+@given(text=st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=3000),
+       limit=st.integers(20, 2500))
+def test_fuzz_for_terminal(text, limit):
+    """No control character, escape or lone surrogate survives, the result encodes as UTF-8 and is bounded."""
+    import unicodedata
+
+    from morphkit.untrusted import for_terminal
+
+    out = for_terminal(text, limit)
+    out.encode("utf-8")  # no lone surrogate
+    assert not any(unicodedata.category(c) in ("Cc", "Cs") for c in out)
+    assert len(out) <= limit + 40
+
+
+@settings(max_examples=100, derandomize=True, **_common)
+@given(text=st.text(max_size=10_000))
+def test_fuzz_error_length(text):
+    from morphkit.errors import MAX_MESSAGE_CHARS, ConfigError
+
+    assert len(str(ConfigError(text))) <= MAX_MESSAGE_CHARS
+
+
 def teardown_module() -> None:
     if COUNTS:
         print("\nfuzz inputs tried:", COUNTS, "total", sum(COUNTS.values()))
