@@ -134,7 +134,9 @@ def main() -> None:
     common = dict(base=base, samples=args.samples, seed=args.seed, train_data=train, train_epochs=args.epochs,
                   device=args.device)
     if reused is not None:
-        rows = mk.compare(manifold, test, ("neumeta",), COMPRESSIONS, **common) + reused["rows"]
+        rows = mk.compare(manifold, test, ("neumeta",), COMPRESSIONS, **common) + [
+            {**r, "trained": lo - 1e-9 <= r["compression"] <= hi + 1e-9}  # flagged against this manifold's range
+            for r in reused["rows"]]
     else:
         rows = mk.compare(manifold, test, ("neumeta", *PRUNING), COMPRESSIONS, **common)
         if args.finetune_epochs:
@@ -205,6 +207,11 @@ def main() -> None:
             "wall times (s)": ", ".join(f"{k} {v:.0f}" for k, v in times.items())
                               + "; " + ", ".join(f"{lab} {seconds(lab):.0f}"
                                                  for lab in dict.fromkeys(r["label"] for r in rows))}
+    if manifold_file.is_file():
+        calib = 0 if manifold.calib is None else manifold.calib.shape[0]
+        meta["manifold file"] = (f"{manifold_file.stat().st_size / 1e6:.1f} MB: INR and base grids, the base's "
+                                 f"predicted tensors, {calib} calibration inputs in float16 "
+                                 f"({0 if manifold.calib is None else manifold.calib.numel():,} numbers)")
     if reused is not None:
         meta["baselines"] = (f"every row but NeuMeta's reused from {args.baselines_from} "
                              f"(measured {reused['meta']['baselines_measured']})")

@@ -88,6 +88,9 @@ def main() -> None:
                                train_epochs=args.train_epochs, unseen=args.unseen)
             times[f"compare (fine-tune {ft})"] = time.perf_counter() - t0
     rows = [r for r in rows if r["method"] == "neumeta"] + [r for r in rows if r["method"] != "neumeta"]
+    if reused is not None:  # reused rows were flagged against the earlier manifold's training range
+        lo, hi = manifold.config.train.compression
+        rows = [{**r, "trained": lo - 1e-9 <= r["compression"] <= hi + 1e-9} for r in rows]
     for g in COMPRESSIONS:
         params = {r["params"] for r in rows if r["compression"] == g}
         assert len(params) == 1, f"compression {g}: parameter counts differ: {params}"

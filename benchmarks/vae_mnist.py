@@ -2,8 +2,8 @@
 
 Trains (or loads) the base VAE (784-400-20-400-784, the registry's
 ``vae_mnist``, its recipe: Adam 1e-3), morphs it with its own loss (the
-negative ELBO, morphkit's default for this model; compression U[0, 0.5], so
-75% is never trained), and compares the sampled VAEs with L1-pruned ones
+negative ELBO, morphkit's default for this model; the default MorphConfig,
+compression U[0, 0.75]), and compares the sampled VAEs with L1-pruned ones
 (no fine-tuning) at compression 0 / 25 / 50 / 75%: reconstruction MSE per
 image (summed over the 784 pixels) and the negative ELBO (an upper bound on
 the NLL, nats per image), both lower is better. Also writes a PNG grid of
@@ -112,8 +112,8 @@ def main() -> None:
                        f"python {m['python']}, {m['date']}",
             "base": f"vae_mnist, {args.base_epochs} epochs Adam 1e-3: MSE {base_m['mse']:.2f}, "
                     f"NLL <= {base_m['nll']:.2f} nats",
-            "manifold": f"default MorphConfig, {args.epochs} epochs, loss: negative ELBO, compression U[0, 0.5] "
-                        f"(75% untrained), K = {args.samples}",
+            "manifold": f"default MorphConfig, {args.epochs} epochs, loss: negative ELBO, compression "
+                        f"U{list(cfg.train.compression)}, sandwich {cfg.train.sandwich}, K = {args.samples}",
             "metrics": "MSE: squared error per image summed over 784 pixels in [0, 1]; NLL: negative ELBO "
                        "(deterministic latent = mean), nats per image; lower is better",
             "reconstructions": f"`{grid.name}`",

@@ -389,6 +389,14 @@ def morph(
 ) -> Manifold:
     """Learn the weight manifold of ``model``.
 
+    Every width of ``config.train.compression`` is trained (each step the
+    narrowest and a drawn one, the sandwich rule). BatchNorms are kept by
+    default: they normalise with batch statistics while the INR trains, and the
+    first ``config.calib_samples`` inputs of a fresh pass over ``train_data``
+    are stored in the manifold so each sampled width gets its own running
+    statistics (a one-pass iterable stores none: pass ``calib_data`` to
+    ``sample`` then).
+
     Under ``torchrun --nproc-per-node N`` each process joins the group (gloo on
     CPU, nccl on GPU), draws its own widths and noise (seed + rank), takes every
     N-th batch, and DistributedDataParallel averages the INR's gradients; an
