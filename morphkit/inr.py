@@ -327,8 +327,15 @@ class INR(nn.Module):
         Returns:
             One ``(rows, trailing)`` tensor per segment (before the fan-in factor).
         """
-        h = self.trunk(coords)
+        h = self.trunk(coords)  # (R, hidden)
         which = list(range(len(segments))) if which is None else which
-        return [self.head(k, h[s:e], coords[s:e], None if clean is None else clean[s:e],
+        sizes = [e - s for s, e in segments]
+        if [s for s, _ in segments] == [sum(sizes[:j]) for j in range(len(sizes))] and sum(sizes) == h.shape[0]:
+            # contiguous segments: one split, whose backward is one concatenation (a slice per tensor
+            # would fill a zero tensor of all R rows per tensor in the backward pass)
+            hs = h.split(sizes)
+        else:
+            hs = tuple(h[s:e] for s, e in segments)
+        return [self.head(k, hs[j], coords[s:e], None if clean is None else clean[s:e],
                           None if bases is None else bases[j], None if cells is None else cells[j])
                 for j, (k, (s, e)) in enumerate(zip(which, segments))]

@@ -120,6 +120,24 @@ def test_inr_heads_batch_over_segments():
     assert [tuple(o.shape) for o in outs] == [(5, 3), (2, 1)]
 
 
+def test_contiguous_segments_split_once_with_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    inr = INR([3, 1, 2], hidden=8, layers=2, n_freqs=2)
+    coords = torch.rand(10, 6)
+    segs = [(0, 5), (5, 7), (7, 10)]
+    outs = inr(coords, segs)  # contiguous: one split of the trunk's output
+    loss = sum((o * (k + 1)).pow(2).sum() for k, o in enumerate(outs))
+    grads = torch.autograd.grad(loss, list(inr.parameters()), allow_unused=True)
+    h = inr.trunk(coords)  # the reference: one slice per segment
+    ref = [inr.head(k, h[s:e], coords[s:e], None, None, None) for k, (s, e) in enumerate(segs)]
+    ref_loss = sum((o * (k + 1)).pow(2).sum() for k, o in enumerate(ref))
+    ref_grads = torch.autograd.grad(ref_loss, list(inr.parameters()), allow_unused=True)
+    assert all(torch.equal(a, b) for a, b in zip(outs, ref))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    gap = inr(coords, [(0, 5), (7, 10)], which=[0, 2])  # not contiguous: sliced
+    assert torch.equal(gap[1], ref[2])
+
+
 @pytest.mark.parametrize("base_noise", [True, False])
 def test_base_noise_option_decides_where_the_residual_base_is_read(lenet_plan, base_noise):
     m, cliques, state, layouts, _ = lenet_plan
