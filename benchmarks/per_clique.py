@@ -7,9 +7,11 @@ width maps at each target size (the parameter counts of the uniform 50% and
 model of that size. A map is drawn as ``width_c = clip(t + spread * u_c, lo, 1)``
 with ``u_c ~ U(-1, 1)`` per resizable clique and the offset ``t`` found by
 bisection so that the map's parameter count is within ``--tolerance`` of the
-target. At 75% no map can stay inside a (0, 0.75) training range without being
-the uniform one (every clique would have to be at its narrowest), so the table
-also counts the cliques that fall below the trained range (extrapolated).
+target. ``lo`` is the narrowest trained width, so the maps stay inside the
+trained range where that is possible; at the narrowest trained width itself
+(75% for the default range) every other map of that size must take some
+clique below the trained range, so there ``lo`` is 1/16 and the table counts
+the cliques that are extrapolated.
 Writes ``benchmarks/results/per_clique_NAME.{json,md}``.
 
     python benchmarks/per_clique.py --manifold benchmarks/results/manifolds/cifar10_resnet20.safetensors \\
@@ -89,9 +91,10 @@ def main() -> None:
         target = params_of(manifold, uniform)
         u_acc = mk.evaluate(manifold.sample(uniform, samples=args.samples), test)["accuracy"]
         maps, tries = [], 0
+        low = 1 - hi if g < hi - 1e-9 else 1 / 16  # inside the trained range where a map of this size can be
         while len(maps) < args.maps and tries < 20 * args.maps:
             tries += 1
-            m = draw_map(manifold, target, args.spread, 1 / 16, gen, args.tolerance)
+            m = draw_map(manifold, target, args.spread, low, gen, args.tolerance)
             if m is not None and m != uniform:
                 maps.append(m)
         rows = []
@@ -105,6 +108,7 @@ def main() -> None:
                   f"{rows[-1]['untrained']} cliques below the trained range)", flush=True)
         accs = [r["accuracy"] for r in rows]
         groups.append({"compression": g, "uniform_accuracy": u_acc, "uniform_params": target, "maps": rows,
+                       "lowest_width": low,
                        "mean": statistics.mean(accs) if accs else None,
                        "stdev": statistics.stdev(accs) if len(accs) > 1 else None,
                        "min": min(accs) if accs else None, "max": max(accs) if accs else None})
@@ -121,18 +125,20 @@ def main() -> None:
           f"{'per-clique' if manifold.config.train.per_clique else 'uniform'} width maps); K = {args.samples}; "
           f"maps: width offsets U(-{args.spread}, {args.spread}) per clique, parameter count within "
           f"{100 * args.tolerance:g}% of the uniform model's; {seconds:.0f} s.", "",
-          "| compression | uniform | random maps: mean | stdev | min | max | maps | mean gap | cliques below "
-          "trained range (mean) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "| compression | uniform | random maps: mean | stdev | min | max | maps | mean gap | narrowest clique "
+          "width allowed | cliques below trained range (mean) |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for gr in groups:
         if not gr["maps"]:
             md.append(f"| {100 * gr['compression']:g}% | {100 * gr['uniform_accuracy']:.2f}% | no map drawn | | | | 0 "
-                      "| | |")
+                      "| | | |")
             continue
         below = statistics.mean(r["untrained"] for r in gr["maps"])
         md.append(f"| {100 * gr['compression']:g}% ({gr['uniform_params']:,} params) | "
                   f"{100 * gr['uniform_accuracy']:.2f}% | {100 * gr['mean']:.2f}% | "
                   f"{100 * (gr['stdev'] or 0):.2f} | {100 * gr['min']:.2f}% | {100 * gr['max']:.2f}% | "
-                  f"{len(gr['maps'])} | {100 * (gr['mean'] - gr['uniform_accuracy']):+.2f} | {below:.1f} |")
+                  f"{len(gr['maps'])} | {100 * (gr['mean'] - gr['uniform_accuracy']):+.2f} | "
+                  f"{gr['lowest_width']:.3g} | {below:.1f} |")
     md += ["", f"Trained range: compression up to {hi:g}; a clique narrower than that is extrapolated by the INR."]
     write(name, result, "\n".join(md) + "\n")
     print("\n".join(md))
