@@ -35,7 +35,7 @@ from morphkit.untrusted import (  # noqa: F401 - the bounds and readers used to 
 )
 from morphkit.untrusted import describe_mismatch as _mismatch
 
-__all__ = ["save_model", "load_model", "model_info", "count_params", "check_model_meta", "rebuild_base"]
+__all__ = ["save_model", "load_model", "model_info", "count_params", "check_model_meta", "rebuild_base", "check_base"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,22 @@ def rebuild_base(arch: dict[str, Any], path: str | Path, shapes: dict[str, tuple
         raise CheckpointError(f"{str(path)!r}: cannot rebuild its architecture: {e}") from e
 
 
+def check_base(base: Any) -> None:
+    """A ``base=`` for the loaders: ``None`` or a module with real (not meta-device) tensors.
+
+    Raises:
+        ConfigError: not an ``nn.Module``, or its tensors are on the meta device.
+    """
+    if base is None:
+        return
+    if not isinstance(base, nn.Module):
+        raise ConfigError(f"base must be an nn.Module instance (a fresh model of the base architecture), "
+                          f"got {type(base).__name__}")
+    meta = next((n for n, t in [*base.named_parameters(), *base.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise ConfigError(f"base is on the meta device ({meta!r} holds no values); pass a model built on the CPU")
+
+
 def load_model(path: str | Path, base: nn.Module | None = None) -> nn.Module:
     """Rebuild a model written by :func:`save_model` and load its weights strictly.
 
@@ -145,9 +161,7 @@ def load_model(path: str | Path, base: nn.Module | None = None) -> nn.Module:
             format or newer version, or weights that do not fit the architecture.
         ConfigError: ``base`` is not an ``nn.Module``.
     """
-    if base is not None and not isinstance(base, nn.Module):
-        raise ConfigError(f"base must be an nn.Module instance (a fresh model of the base architecture), "
-                          f"got {type(base).__name__}")
+    check_base(base)
     tensors, meta = read_tensors(path, expect_format=MODEL_FORMAT)
     check_model_meta(meta, path)
     arch = meta.get("arch")

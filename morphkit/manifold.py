@@ -465,11 +465,9 @@ class Manifold:
                 architecture.
             ConfigError: ``base`` is not an ``nn.Module``.
         """
-        from morphkit.export import rebuild_base
+        from morphkit.export import check_base, rebuild_base
 
-        if base is not None and not isinstance(base, nn.Module):
-            raise ConfigError(f"base must be an nn.Module instance (a fresh model of the base architecture), "
-                              f"got {type(base).__name__}")
+        check_base(base)
         tensors, meta = read_tensors(path, expect_format=MANIFOLD_FORMAT)
         try:
             p = _parse_meta(meta, tensors)

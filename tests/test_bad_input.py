@@ -948,3 +948,12 @@ def test_error_messages_are_bounded():
         mk.build_model("timm:resnet18?" + "&".join(f"k{i}={'x' * 1000}" for i in range(1000)))
     assert len(str(info.value)) <= 2000
     assert len(str(ConfigError("y" * 10**7))) <= 2000 and "more characters" in str(ConfigError("y" * 10**7))
+
+
+def test_meta_device_base_refused_by_the_loaders(files):
+    with torch.device("meta"):
+        base = mk.models.LeNet5()
+    with refused(ConfigError, "base is on the meta device", "built on the CPU"):
+        mk.load_model(files / "base.safetensors", base=base)
+    with refused(ConfigError, "base is on the meta device"):
+        mk.Manifold.load(files / "manifold.safetensors", base=base)
