@@ -23,10 +23,12 @@ reviewer can read the whole policy top to bottom:
    escape sequences, control characters and lone surrogates from a file are
    made visible, and length is bounded.
 
-Nothing in morphkit unpickles: files are safetensors (plain tensors + JSON) and
-``tests/test_untrusted.py`` fails if ``torch.load``, ``pickle`` or
-``np.load(allow_pickle=True)`` appears in the package, or if loading any file
-reaches them.
+Nothing in morphkit unpickles: files are safetensors (plain tensors + JSON), and
+``tests/test_bad_input.py`` fails if ``torch.load``, ``pickle`` or
+``np.load`` without ``allow_pickle=False`` appears in the package
+(``test_source_has_no_unpickling``), or if loading a file, hostile or valid,
+unpickles anything or opens a file its metadata names
+(``test_arch_never_reaches_a_file``, ``test_valid_files_never_unpickle``).
 """
 
 from __future__ import annotations
