@@ -121,7 +121,9 @@ def main() -> None:
     paths = write_report(rows, RESULTS, title=f"{args.name}: MLP VAE / MNIST, NeuMeta vs L1 pruning", meta=meta,
                          stem=args.name, plot=args.name)
     nll = ["", "NLL (negative ELBO, nats per image; lower is better):", "",
-           "| method | " + " | ".join(f"{g:.0%}" + (" *" if g > 0.5 else "") for g in COMPRESSIONS) + " |",
+           "| method | " + " | ".join(f"{g:.0%}" + ("" if all(r["trained"] is not False for r in rows
+                                                               if r["compression"] == g) else " *")
+                                      for g in COMPRESSIONS) + " |",
            "| --- |" + " --- |" * len(COMPRESSIONS)]
     for method in ("neumeta", "l1"):
         vals = [next(r["nll"] for r in rows if r["method"] == method and r["compression"] == g)
