@@ -193,13 +193,13 @@ def collect_calibration(data: Iterable, count: int) -> torch.Tensor | None:
 
     Returns None when ``count`` is 0, when ``data`` can be iterated only once
     (a generator: its batches are kept for training) or when its inputs are
-    not floating-point tensors.
+    not finite floating-point tensors.
 
     Example:
         >>> collect_calibration([(torch.ones(4, 3), torch.zeros(4))] * 3, 10).shape
         torch.Size([10, 3])
     """
-    if count <= 0 or iter(data) is data:
+    if count <= 0 or isinstance(data, Iterator):  # iter() of a Loader would start (count) a pass
         return None
     epoch = int(getattr(data, "epoch", 0) or 0)
     got, n = [], 0
@@ -208,7 +208,8 @@ def collect_calibration(data: Iterable, count: int) -> torch.Tensor | None:
             data.set_epoch(epoch)
         for batch in data:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 \
+                    or not bool(torch.isfinite(x).all()):
                 return None
             got.append(x[: count - n].detach().cpu())
             n += got[-1].shape[0]
@@ -496,10 +497,12 @@ def morph(
         inr = build_inr(layouts, cfg)
         calib = None
         if not fused and kept_batch_norms(base):
-            calib = collect_calibration(train_data, min(cfg.calib_samples, _calib_cap(inputs)))
+            if len(inputs) == 1:  # BatchNorm recalibration feeds the first element of each batch
+                calib = collect_calibration(train_data, min(cfg.calib_samples, _calib_cap(inputs)))
             if calib is None:
-                logger.warning("no calibration inputs stored (calib_samples=0, a one-pass iterable or non-float "
-                               "inputs): pass calib_data= to Manifold.sample to get BatchNorm statistics per width")
+                logger.warning("no calibration inputs stored (calib_samples=0, a one-pass iterable, several or "
+                               "non-finite or non-float inputs): pass calib_data= to Manifold.sample to get "
+                               "BatchNorm statistics per width")
         manifold = Manifold(inr, cliques, layouts, static, base, inputs, cfg, arch_of(model), perms, fused_bn=fused,
                             calib=calib)
         builder = manifold.builder

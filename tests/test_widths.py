@@ -169,3 +169,20 @@ def test_distillation_applies_only_to_logits_with_the_default_loss():
     assert float(_Step._distill(a, a, 1.0)) == pytest.approx(0.0, abs=1e-6)
     assert float(_Step._distill(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), 1.0)) == 0.0  # not logits
     assert float(_Step._distill(a, b, 0.0)) == 0.0
+
+
+def test_non_finite_or_integer_inputs_are_not_stored_for_calibration():
+    bad = [(torch.full((4, 3, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long))]
+    assert collect_calibration(bad, 4) is None
+    ids = [(torch.zeros(4, 7, dtype=torch.long), torch.zeros(4, dtype=torch.long))]
+    assert collect_calibration(ids, 4) is None
+
+
+def test_a_loader_replays_the_same_training_order_after_calibration():
+    from morphkit.data import load_data, make_loaders
+
+    a, _ = make_loaders(load_data("embedded"), batch_size=16, seed=0, limit=64)
+    b, _ = make_loaders(load_data("embedded"), batch_size=16, seed=0, limit=64)
+    collect_calibration(a, 20)
+    assert a.epoch == b.epoch
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
