@@ -364,8 +364,9 @@ def _user_lines(user: Any) -> list[tuple[str, str] | str]:
                 return f"{100 * x:.2f}%" if acc and isinstance(x, (int, float)) else _value(x)
 
             uni = v.get("uniform") if isinstance(v.get("uniform"), dict) else {}
-            lines.append(("search", f"{v.get('metric')} {pct(v.get('value'))} on {_value(v.get('images'))} images of "
-                                    f"{_value(v.get('data'))} (uniform width {_value(uni.get('width'))}: "
+            lines.append(("search", f"{v.get('metric')} {pct(v.get('value'))} on {_value(v.get('confirm_images'))} "
+                                    f"held-out images of {_value(v.get('data'))} (uniform width "
+                                    f"{_value(uni.get('width'))}: "
                                     f"{pct(uni.get('value'))}); {_value(v.get('evaluated'))} width maps in "
                                     f"{_value(v.get('seconds'))} s"))
         else:

@@ -166,17 +166,19 @@ class SearchResult:
 
     Attributes:
         widths: The best width map within the budget (``{clique_id: channels}``).
-        score: Its score on the search batches (``accuracy``, or ``-mse`` for a VAE).
+        score: Its score on the confirmation batches (``accuracy``, or ``-mse`` for a VAE).
         metric: ``"accuracy"`` or ``"mse"``.
-        value: The metric itself (accuracy or MSE) on the search batches.
+        value: The metric itself (accuracy or MSE) on the confirmation batches (the odd search batches).
         params: Its parameter count.
         macs: Its MACs (convolutions and linear layers, per example).
         latency_ms: Its measured latency (only when a latency budget was given).
         budget: The budget asked for (``params`` / ``macs`` / ``latency_ms``).
         uniform: The uniform width map at the same budget: ``width``, ``widths``, ``value``, ``params``, ``macs``.
+            ``widths`` equals it when no map beat it by ``min_gain``.
         evaluated: Width maps scored.
         seconds: Wall time of the search.
-        images: Images in the search batches.
+        images: Images in the search batches (ranking and confirmation together).
+        confirm_images: Images in the confirmation batches that ``value`` is measured on.
         round_to: The ``round_to`` used.
     """
 
@@ -193,6 +195,7 @@ class SearchResult:
     seconds: float
     images: int
     round_to: int | None = None
+    confirm_images: int = 0
     top: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -214,7 +217,8 @@ class SearchResult:
 
         budget = _budget_text(self.budget)
         return (f"searched {self.evaluated} width maps in {self.seconds:.0f} s: {self.metric} {fmt(self.value)} on "
-                f"{self.images:,} search images (uniform width {self.uniform['width']:.3f}: "
+                f"{self.confirm_images:,} confirmation images of {self.images:,} (uniform width "
+                f"{self.uniform['width']:.3f}: "
                 f"{fmt(self.uniform['value'])}); {self.params:,} params, {self.macs:,} MACs"
                 + (f", {self.latency_ms:.2f} ms" if self.latency_ms is not None else "") + f" (budget: {budget})")
 
@@ -251,7 +255,7 @@ def _batches(data: Any, batches: int) -> list[Any]:
 def search(manifold: Any, data: Any, *, params: float | str | None = None, macs: float | str | None = None,
            latency_ms: float | None = None, round_to: int | None = None, candidates: int = 48,
            batches: int = 8, samples: int = 4, time_budget: float | None = None,
-           allow_untrained: bool | None = None, seed: int = 0) -> SearchResult:
+           allow_untrained: bool | None = None, min_gain: float | None = None, seed: int = 0) -> SearchResult:
     """Search the per-clique width map with the best score on ``data`` within a budget.
 
     Args:
@@ -270,6 +274,12 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
         allow_untrained: Let cliques go below the narrowest trained width
             (extrapolated by the INR). None (default): only when the budget
             is below the smallest model at trained widths, with a warning.
+        min_gain: How much the best map must beat the uniform one on the
+            confirmation batches to be chosen over it; default half a standard
+            error of the uniform map's accuracy there. Candidates are ranked on
+            the even batches; the three best and the uniform map are then
+            compared on the odd ones, which the ranking never saw (the best of
+            many maps scored on one set is flattered by chance there).
         seed: Seed of the random candidates and of sampling.
 
     Returns:
@@ -356,13 +366,19 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
 
     scored: dict[tuple, dict[str, Any]] = {}
 
+    # rank candidates on half the batches and confirm the finalists against the uniform map on the other
+    # half: the best of many maps scored on one set is flattered by chance there (the winner's curse)
+    rank_set, confirm_set = (held[0::2], held[1::2]) if len(held) >= 2 else (held, held)
+
+    def value_on(counts: dict[int, int], batches: list[Any]) -> float:
+        with _quiet("morphkit.manifold"):  # one warning about untrained widths, above, not one per candidate
+            net = manifold.sample(counts, samples=samples, seed=seed)
+        return float(evaluate(net, batches, task=task)[metric])
+
     def score(counts: dict[int, int]) -> dict[str, Any]:
         key = tuple(sorted(counts.items()))
         if key not in scored:
-            with _quiet("morphkit.manifold"):  # one warning about untrained widths, above, not one per candidate
-                net = manifold.sample(counts, samples=samples, seed=seed)
-            m = evaluate(net, held, task=task)
-            value = float(m[metric])
+            value = value_on(counts, rank_set)
             scored[key] = {"widths": dict(counts), "value": value, "score": value if metric == "accuracy" else -value,
                            "params": costs.params(counts), "macs": costs.macs(counts)}
             logger.debug("search: %s %.4f at %s", metric, value, counts)
@@ -398,15 +414,31 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
         counts = project(r)
         s = score(counts)
         population.append((s["score"], r))
-    best = max(scored.values(), key=lambda s: (s["score"], -s["params"]))
-    images = sum(int(b[0].shape[0]) if isinstance(b, (tuple, list)) else int(b.shape[0]) for b in held)
+    def n_images(batches: list[Any]) -> int:
+        return sum(int(b[0].shape[0]) if isinstance(b, (tuple, list)) else int(b.shape[0]) for b in batches)
+
+    images, confirm_images = n_images(held), n_images(confirm_set)
+    sign = 1.0 if metric == "accuracy" else -1.0
+    for entry in [uniform, *[e for e in sorted(scored.values(), key=lambda e: -e["score"]) if e is not uniform][:3]]:
+        entry["confirm"] = value_on(entry["widths"], confirm_set) if confirm_set is not rank_set else entry["value"]
+    finalists = [e for e in scored.values() if "confirm" in e and e is not uniform]
+    best = max(finalists, key=lambda e: (sign * e["confirm"], -e["params"]), default=uniform)
+    if min_gain is None:  # half a standard error of the uniform map's accuracy on the confirmation images
+        u = uniform["confirm"]
+        min_gain = 0.5 * math.sqrt(max(u * (1 - u), 1 / confirm_images) / confirm_images) if sign > 0 else 0.0
+    if best is not uniform and sign * (best["confirm"] - uniform["confirm"]) < min_gain:
+        logger.info("search: the best map beats the uniform one by %.4g < %.4g on %d confirmation images: keeping "
+                    "the uniform map", sign * (best["confirm"] - uniform["confirm"]), min_gain, confirm_images)
+        best = uniform
     ranked = sorted(scored.values(), key=lambda s: -s["score"])[:5]
     result = SearchResult(
-        widths=best["widths"], score=best["score"], metric=metric, value=best["value"], params=best["params"],
+        widths=best["widths"], score=sign * best["confirm"], metric=metric, value=best["confirm"],
+        params=best["params"],
         macs=best["macs"], latency_ms=costs.latency_ms(best["widths"]) if "latency_ms" in budget else None,
-        budget=budget, uniform={"width": round(lo_w, 4), "widths": uniform["widths"], "value": uniform["value"],
+        budget=budget, uniform={"width": round(lo_w, 4), "widths": uniform["widths"], "value": uniform["confirm"],
                                 "params": uniform["params"], "macs": uniform["macs"]},
         evaluated=len(scored), seconds=round(time.perf_counter() - t_start, 2), images=images, round_to=round_to,
+        confirm_images=confirm_images,
         top=[{"value": s["value"], "params": s["params"], "macs": s["macs"],
               "widths": {str(k): v for k, v in s["widths"].items()}} for s in ranked])
     logger.info("%s", result.summary())
