@@ -835,7 +835,8 @@ def demo(epochs: int, steps: int, progress: bool) -> None:
 @click.argument("manifold_file", type=click.Path())
 @click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
 @click.option("--methods", default="neumeta,l1,l2,taylor,hessian,random", show_default=True,
-              help="Comma-separated: neumeta, l1, l2, taylor, hessian, random, individual, slimmable.")
+              help="Comma-separated: neumeta, l1, l2, taylor, hessian, random, individual, slimmable, searched "
+                   "(the best per-clique widths within each uniform model's parameter count).")
 @click.option("--compression", "compressions", default="0,0.25,0.5,0.75", show_default=True,
               help="Comma-separated compressions in [0, 1) (= 1 - width).")
 @click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,

@@ -48,7 +48,7 @@ __all__ = ["compare", "write_report", "count_macs", "COMPARE_METHODS"]
 logger = logging.getLogger(__name__)
 
 #: Every method :func:`compare` knows.
-COMPARE_METHODS: tuple[str, ...] = ("neumeta", *PRUNE_METHODS, "individual", "slimmable")
+COMPARE_METHODS: tuple[str, ...] = ("neumeta", *PRUNE_METHODS, "individual", "slimmable", "searched")
 #: Higher is better for these metrics; lower for the others (VAE: ``mse``, ``nll``).
 HIGHER_IS_BETTER = {"accuracy"}
 
@@ -131,7 +131,10 @@ def compare(
         manifold_or_model: A :class:`~morphkit.Manifold` (all methods), or a
             trained ``nn.Module`` (every method but ``neumeta``).
         data: Evaluation batches of ``(x, y)`` (the test split).
-        methods: Names from :data:`COMPARE_METHODS` (a list or ``"neumeta,l1"``).
+        methods: Names from :data:`COMPARE_METHODS` (a list or ``"neumeta,l1"``);
+            ``searched`` is the manifold's best per-clique widths within each
+            uniform model's parameter count (:func:`~morphkit.search.search` on
+            ``train_data``).
         compressions: Values in [0, 1) (``width = 1 - compression``).
         example_inputs: Inputs to find cliques and count MACs (default: the
             manifold's, or the model's recorded input shape).
@@ -188,6 +191,9 @@ def compare(
     if manifold is None and "neumeta" in methods:
         raise ConfigError("method 'neumeta' needs a Manifold (from morph() or Manifold.load); "
                           "drop it to compare baselines of a plain model")
+    if "searched" in methods and (manifold is None or train_data is None):
+        raise ConfigError("method 'searched' searches the manifold's per-clique widths within each uniform model's "
+                          "parameter count on training batches: it needs a Manifold and train_data=...")
     needs_train = [m for m in methods if m in ("individual", "slimmable")]
     if needs_train and train_data is None:
         raise ConfigError(f"methods {needs_train} train models: pass train_data=... (training batches)")
@@ -240,6 +246,11 @@ def compare(
         if method == "neumeta":
             net = manifold.sample(width, samples=samples, seed=seed, calib_data=calib,  # type: ignore[union-attr]
                                   calib_batches=calib_batches, unseen=unseen)
+        elif method == "searched":  # the best widths within the uniform model's parameter count
+            budget = count_params(manifold.template(manifold.width_map(width)))  # type: ignore[union-attr]
+            found = manifold.search(train_data, params=budget, seed=seed)  # type: ignore[union-attr]
+            net = manifold.sample(found.widths, samples=samples, seed=seed, calib_data=calib,  # type: ignore[union-attr]
+                                  calib_batches=calib_batches, unseen=unseen)
         elif method in PRUNE_METHODS:
             ft = finetune_epochs
             net = prune(source, x, width, method, data=score_data, cliques=cliques, batches=batches,
@@ -268,13 +279,15 @@ def compare(
                "seconds": round(seconds, 3)}
         if method in PRUNE_METHODS:
             row["pruned_from"] = source_name
-        if method == "neumeta":
+        if method in ("neumeta", "searched"):
             row["unseen"] = unseen
+        if method == "searched":
+            row["search"] = found.to_json()
         rows.append(row)
         logger.info("%s @ compression %.2f: %s %.4f (%d params)", row["label"], g, metric, row["value"],
                     row["params"])
     for g in comps:
-        sizes = {(r["params"], r["macs"]) for r in rows if r["compression"] == g}
+        sizes = {(r["params"], r["macs"]) for r in rows if r["compression"] == g and r["method"] != "searched"}
         if len(sizes) > 1:
             logger.error("models at compression %.2f differ in size: %s", g, sorted(sizes, key=str))
             for r in rows:
@@ -326,12 +339,19 @@ def _markdown(rows: list[dict[str, Any]], title: str, meta: dict[str, Any] | Non
     lines += ["", "Model size per compression (identical for every method):", "",
               "| compression | width | params | MACs |", "| --- | --- | --- | --- |"]
     for g in comps:
-        rs = [r for r in rows if r["compression"] == g]
+        rs = [r for r in rows if r["compression"] == g and r["method"] != "searched"] or [
+            r for r in rows if r["compression"] == g]
         params = sorted({r["params"] for r in rs})
         macs = sorted({r["macs"] for r in rs if r["macs"] is not None})
         p = ", ".join(f"{v:,}" for v in params) + (" (MISMATCH)" if len(params) > 1 else "")
         m = ", ".join(_fmt_count(v) for v in macs) or "-"
         lines.append(f"| {100 * g:.0f}% | {1 - g:.2f} | {p} | {m} |")
+    searched = [r for r in rows if r["method"] == "searched"]
+    if searched:
+        lines += ["", "`searched`: the manifold's per-clique widths with the best accuracy on training batches within "
+                  "each compression's parameter count (params / MACs: "
+                  + ", ".join(f"{100 * r['compression']:.0f}% {r['params']:,} / {_fmt_count(r['macs'])}"
+                              for r in searched) + ")."]
     lines.append("")
     return "\n".join(lines)
 

@@ -225,3 +225,17 @@ def test_info_of_an_onnx_file(run):
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["info", str(out)])
     assert res.exit_code == 0 and "ONNX opset 17" in res.output and "batch" in res.output and "channels:" in res.output
+
+
+def test_compare_with_a_searched_row(run):
+    import json as _json
+
+    res = CliRunner().invoke(main, ["compare", str(run / "m.morph.safetensors"), "--data", "embedded",
+                                    "--methods", "neumeta,searched", "--compression", "0.25", "--samples", "2",
+                                    "--limit", "256", "--test-limit", "64", "-o", str(run / "report3"),
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output
+    rows = _json.loads((run / "report3" / "report.json").read_text())["rows"]
+    neu, srch = (next(r for r in rows if r["method"] == m) for m in ("neumeta", "searched"))
+    assert srch["params"] <= neu["params"] and "search" in srch and "size_mismatch" not in srch
+    assert "`searched`" in res.output and "MISMATCH" not in res.output
