@@ -725,7 +725,8 @@ def export(manifold_file: str, width: float | None, compression: float | None, s
         m = Manifold.load(manifold_file)
         found = None
         if budget:
-            found = _search(m, data_spec, budget, round_to, candidates, search_images, seed)  # type: ignore[arg-type]
+            found = _search(m, data_spec, budget, round_to, candidates, search_images, seed,  # type: ignore[arg-type]
+                            samples)
             width_arg: Any = found.widths
             from morphkit.search import _budget_text
 
@@ -760,7 +761,7 @@ def export(manifold_file: str, width: float | None, compression: float | None, s
 
 
 def _search(m: Any, data_spec: str, budget: dict[str, float], round_to: int | None, candidates: int,
-            images: int, seed: int) -> Any:
+            images: int, seed: int, samples: int | None = None) -> Any:
     """Search a budget on ``images`` images of the training split (the test split stays unseen) and report it."""
     from morphkit.data import load_data, make_loaders
     from morphkit.search import search
@@ -769,7 +770,7 @@ def _search(m: Any, data_spec: str, budget: dict[str, float], round_to: int | No
     batch = min(256, images)
     train_dl, _ = make_loaders(splits, batch_size=batch, augment=False, seed=seed + 1, limit=None)
     found = search(m, train_dl, round_to=round_to, candidates=candidates, batches=max(1, -(-images // batch)),
-                   seed=seed, **budget)
+                   final_samples=samples, seed=seed, **budget)
     click.echo(found.summary(), err=True)
     return found
 

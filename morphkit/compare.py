@@ -248,7 +248,8 @@ def compare(
                                   calib_batches=calib_batches, unseen=unseen)
         elif method == "searched":  # the best widths within the uniform model's parameter count
             budget = count_params(manifold.template(manifold.width_map(width)))  # type: ignore[union-attr]
-            found = manifold.search(train_data, params=budget, seed=seed)  # type: ignore[union-attr]
+            found = manifold.search(train_data, params=budget, seed=seed,  # type: ignore[union-attr]
+                                    final_samples=samples)
             net = manifold.sample(found.widths, samples=samples, seed=seed, calib_data=calib,  # type: ignore[union-attr]
                                   calib_batches=calib_batches, unseen=unseen)
         elif method in PRUNE_METHODS:

@@ -255,7 +255,8 @@ def _batches(data: Any, batches: int) -> list[Any]:
 def search(manifold: Any, data: Any, *, params: float | str | None = None, macs: float | str | None = None,
            latency_ms: float | None = None, round_to: int | None = None, candidates: int = 48,
            batches: int = 8, samples: int = 4, time_budget: float | None = None,
-           allow_untrained: bool | None = None, min_gain: float | None = None, seed: int = 0) -> SearchResult:
+           allow_untrained: bool | None = None, min_gain: float | None = None, final_samples: int | None = None,
+           seed: int = 0) -> SearchResult:
     """Search the per-clique width map with the best score on ``data`` within a budget.
 
     Args:
@@ -280,6 +281,9 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
             the even batches; the three best and the uniform map are then
             compared on the odd ones, which the ranking never saw (the best of
             many maps scored on one set is flattered by chance there).
+        final_samples: K of the confirmation, which scores the models as the
+            caller will sample them (default: the manifold's K, 50); widths
+            outside the trained range differ most between few and many draws.
         seed: Seed of the random candidates and of sampling.
 
     Returns:
@@ -307,7 +311,8 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
         budget["latency_ms"] = parse_count(latency_ms, "latency_ms")
     if not budget:
         raise ConfigError("search needs a budget: params=, macs= and/or latency_ms=")
-    for name, v, lo in (("candidates", candidates, 1), ("batches", batches, 1), ("samples", samples, 1)):
+    for name, v, lo in (("candidates", candidates, 1), ("batches", batches, 1), ("samples", samples, 1),
+                        ("final_samples", 1 if final_samples is None else final_samples, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ConfigError(f"{name}: got {v!r}, expected an int >= {lo}")
     if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget > 0):
@@ -370,9 +375,9 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
     # half: the best of many maps scored on one set is flattered by chance there (the winner's curse)
     rank_set, confirm_set = (held[0::2], held[1::2]) if len(held) >= 2 else (held, held)
 
-    def value_on(counts: dict[int, int], batches: list[Any]) -> float:
+    def value_on(counts: dict[int, int], batches: list[Any], k: int = samples) -> float:
         with _quiet("morphkit.manifold"):  # one warning about untrained widths, above, not one per candidate
-            net = manifold.sample(counts, samples=samples, seed=seed)
+            net = manifold.sample(counts, samples=k, seed=seed)
         return float(evaluate(net, batches, task=task)[metric])
 
     def score(counts: dict[int, int]) -> dict[str, Any]:
@@ -418,9 +423,10 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
         return sum(int(b[0].shape[0]) if isinstance(b, (tuple, list)) else int(b.shape[0]) for b in batches)
 
     images, confirm_images = n_images(held), n_images(confirm_set)
+    final_k = manifold.config.samples if final_samples is None else final_samples
     sign = 1.0 if metric == "accuracy" else -1.0
     for entry in [uniform, *[e for e in sorted(scored.values(), key=lambda e: -e["score"]) if e is not uniform][:3]]:
-        entry["confirm"] = value_on(entry["widths"], confirm_set) if confirm_set is not rank_set else entry["value"]
+        entry["confirm"] = value_on(entry["widths"], confirm_set, final_k)  # the model the caller will sample
     finalists = [e for e in scored.values() if "confirm" in e and e is not uniform]
     best = max(finalists, key=lambda e: (sign * e["confirm"], -e["params"]), default=uniform)
     if min_gain is None:  # half a standard error of the uniform map's accuracy on the confirmation images

@@ -43,7 +43,7 @@ def test_cost_model_counts_params_exactly_and_macs_of_convs_and_linears(setup):
 def test_search_meets_the_budget_and_is_no_worse_than_uniform_on_its_data(setup):
     m, held = setup
     budget = mk.count_params(m.sample(0.5, samples=1))
-    r = m.search(held, params=budget, candidates=8, batches=2, samples=1)
+    r = m.search(held, params=budget, candidates=8, batches=2, samples=1, final_samples=2)
     assert r.params <= budget and r.evaluated >= 2
     assert r.score >= r.uniform["value"] and r.metric == "accuracy"
     assert 0.45 < r.uniform["width"] <= 0.51
