@@ -886,8 +886,6 @@ def test_dict_and_tuple_outputs_and_batches(batches):
     assert mk.evaluate(mk.build_model("lenet5"), [(b["image"], b["label"]) for b in dict_batches])["n"] == 32
 
 
-@pytest.mark.xfail(reason="train.py: the distillation teacher runs on the raw batch before loss_fn "
-                          "(it should take fit.split_batch(batch)[0])")
 def test_dict_batches_in_morph(batches):
     dict_batches = [{"image": x, "label": y} for x, y in batches]
     with refused(ConfigError, "a batch is a dict", "loss_fn(model, batch)"):
