@@ -10,7 +10,7 @@ step instead of the sandwich rule, no distillation, the paper's range U[0, 0.5])
 Writes ``benchmarks/results/mnist_lenet.{json,md}`` and the manifold to
 ``benchmarks/results/manifolds/``.
 
-    python benchmarks/mnist_lenet.py --threads 1      # 12 epochs + ablations
+    python benchmarks/mnist_lenet.py --threads 1      # 24 epochs + ablations
     python benchmarks/mnist_lenet.py --threads 2 --seed 1 --name mnist_lenet_seed1
     python benchmarks/mnist_lenet.py --threads 2 --compression-range 0,0.5 --ablation-steps 0 \
         --name mnist_lenet_paper      # the paper's protocol: 75% never trained
@@ -35,7 +35,7 @@ COMPRESSIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=12, help="morph epochs over the 60k training images")
+    ap.add_argument("--epochs", type=int, default=24, help="morph epochs over the 60k training images")
     ap.add_argument("--base-epochs", type=int, default=10)
     ap.add_argument("--hidden", type=int, default=mk.INRConfig().hidden)
     ap.add_argument("--layers", type=int, default=mk.INRConfig().layers)
