@@ -818,11 +818,13 @@ def demo(epochs: int, steps: int, progress: bool) -> None:
     manifold = morph(base, train_dl, example_inputs=torch.zeros(1, 1, 28, 28), config=cfg, progress=show)
     click.echo(f"2/4 morphed every clique ({manifold.summary()['resizable_cliques']} resizable) in "
                f"{manifold.info['seconds']:.0f} s; INR {manifold.summary()['inr_params']:,} params")
-    click.echo("3/4 accuracy by compression (75% was never trained):")
-    for g in (0.0, 0.25, 0.5, 0.75):
+    lo, hi = manifold.config.train.compression
+    click.echo(f"3/4 accuracy by compression (trained on compression {lo:g}-{hi:g}; * = outside it):")
+    for g in (0.0, 0.25, 0.5, 0.75, 0.875):
         net = manifold.sample(1 - g)
         m = evaluate(net, test_dl)
-        click.echo(f"    {g:>4.0%}  {100 * m['accuracy']:6.2f}%  ({count_params(net):,} params; base "
+        star = "*" if manifold.untrained(manifold.width_map(1 - g)) else " "
+        click.echo(f"    {g:>6.1%}{star} {100 * m['accuracy']:6.2f}%  ({count_params(net):,} params; base "
                    f"{100 * base_m['accuracy']:.2f}%)")
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "lenet-w50.safetensors"

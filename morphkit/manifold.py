@@ -29,6 +29,7 @@ from morphkit.inr import INR, box_merge
 from morphkit.untrusted import (  # noqa: F401 - CALIB_KEY, MAX_CALIB_ELEMENTS re-exported
     CALIB_KEY,
     MAX_CALIB_ELEMENTS,
+    check_samples,
     check_structure,
     describe_mismatch,
     parse_manifold_meta,
@@ -264,9 +265,7 @@ class Manifold:
         Example:
             >>> w = manifold.predict(0.25, unseen="fold")  # 75% compression, folded  # doctest: +SKIP
         """
-        k_draws = self.config.samples if samples is None else samples
-        if isinstance(k_draws, bool) or not isinstance(k_draws, int) or k_draws < 1:
-            raise ConfigError(f"samples must be an int >= 1, got {k_draws!r}")
+        k_draws = check_samples(self.config.samples if samples is None else samples)
         if unseen not in UNSEEN_MODES:
             raise ConfigError(f"unseen: got {unseen!r}, expected one of {', '.join(map(repr, UNSEEN_MODES))}")
         counts = self.width_map(width, round_to)

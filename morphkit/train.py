@@ -49,9 +49,9 @@ from morphkit.checkpoint import (
     CHECKPOINT_NAME,
     TrainState,
     check_writable,
-    release_directory,
     load_checkpoint,
     optimizer_state,
+    release_directory,
     restore_rng,
     run_fingerprint,
     save_checkpoint,
@@ -60,10 +60,11 @@ from morphkit.checkpoint import (
 from morphkit.config import MorphConfig
 from morphkit.coords import WidthMap, plan_layouts
 from morphkit.errors import CheckpointError, ConfigError, TrainingError, UnsupportedModelError
-from morphkit.fit import default_loss, evaluate, keeps_global_rng, to_device
+from morphkit.fit import default_loss, evaluate, keeps_global_rng, show_progress, split_batch, to_device
 from morphkit.inr import INR
 from morphkit.manifold import Manifold, as_inputs, build_inr, predict_tensors
 from morphkit.models import arch_of
+from morphkit.untrusted import check_config_budget
 
 __all__ = ["morph", "prepare_base", "draw_widths", "draw_step_widths", "collect_calibration", "MorphInterrupted"]
 
@@ -153,19 +154,34 @@ def prepare_base(model: nn.Module, example_inputs: Any, config: MorphConfig,
     if perms is not None:
         base = apply_permutation(base, cliques, perms) if perms else base
     elif config.smooth.enabled:
-        t0 = time.perf_counter()
         base, perms = smooth(base, inputs, cliques, seed=config.smooth.seed, time_budget=config.smooth.time_budget)
-        logger.info("smoothed %d cliques in %.2f s", len(perms), time.perf_counter() - t0)
     return base.eval(), cliques, perms or {}, bool(config.fuse_bn)
 
 
-def draw_widths(cliques: list, low: float, high: float, per_clique: bool, gen: torch.Generator) -> WidthMap:
-    """Draw a width map: compression ~ U[low, high], global or per clique."""
+def draw_widths(cliques: list, low: float, high: float, per_clique: bool, gen: torch.Generator,
+                spread: float = 0.0) -> WidthMap:
+    """Draw a width map: compression ~ U[low, high], global or per clique.
+
+    With ``spread`` > 0 (and one global compression) each clique's width is
+    the global width plus its own offset U(-spread, spread), clipped to the
+    trained widths ``[1 - high, 1 - low]``: maps with unequal cliques near the
+    uniform ones, the maps a user (or ``search``) gives per clique.
+
+    Example:
+        >>> draw_widths(cliques, 0.0, 0.75, False, torch.Generator(), spread=0.2)  # doctest: +SKIP
+        {0: 11, 1: 24, 2: 40}
+    """
     def width() -> float:
         return 1.0 - (low + (high - low) * torch.rand((), generator=gen).item())
 
     w = width()
-    return {c.id: c.channels_for(width() if per_clique else w) for c in cliques}
+    if per_clique:
+        return {c.id: c.channels_for(width()) for c in cliques}
+    if spread <= 0:
+        return {c.id: c.channels_for(w) for c in cliques}
+    offsets = (torch.rand(len(cliques), generator=gen) * 2 - 1) * spread  # (n_cliques,)
+    return {c.id: c.channels_for(min(1.0 - low, max(1.0 - high, w + float(o))))
+            for c, o in zip(cliques, offsets)}
 
 
 def draw_step_widths(cliques: list, cfg: Any, gen: torch.Generator) -> list[WidthMap]:
@@ -181,7 +197,7 @@ def draw_step_widths(cliques: list, cfg: Any, gen: torch.Generator) -> list[Widt
         2
     """
     low, high = cfg.compression
-    drawn = draw_widths(cliques, low, high, cfg.per_clique, gen)
+    drawn = draw_widths(cliques, low, high, cfg.per_clique, gen, cfg.clique_spread)
     if not cfg.sandwich:
         return [drawn]
     narrowest = {c.id: c.channels_for(1.0 - high) for c in cliques}
@@ -289,7 +305,7 @@ class _Step(nn.Module):
         t_out = None
         if teacher is not None:
             with torch.no_grad():
-                t_out = teacher(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                t_out = teacher(split_batch(batch)[0])  # the teacher runs only with the default loss
         tasks, fits, l2s = [], [], []  # per width map
         for plan in plans:
             pred = self._predict(plan, which, gen)
@@ -445,6 +461,7 @@ def morph(
     cfg = config or MorphConfig()
     if not isinstance(cfg, MorphConfig):
         raise ConfigError(f"config must be a MorphConfig, got {type(cfg).__name__}")
+    check_config_budget(cfg)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every must be an int >= 1 (steps), got {checkpoint_every!r}")
     if resume and checkpoint_dir is None:
@@ -593,7 +610,7 @@ def morph(
         data_iter = _stream(train_data, state, rank, world)
         n_pred = len(layouts)
         t0 = time.perf_counter() - state.train_seconds
-        bar = tqdm(range(state.step, steps), desc="morph", disable=not progress or rank != 0,
+        bar = tqdm(range(state.step, steps), desc="morph", disable=not show_progress(progress) or rank != 0,
                    initial=state.step, total=steps)
         step_times: list[float] = []  # wall time of each step of this call (no evaluation, no checkpoint)
         with _Interrupt(ckpt_path is not None) as interrupt:

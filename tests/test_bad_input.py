@@ -149,7 +149,7 @@ def test_bad_width_map(manifold, lenet, files, width, fragments):
 
 
 def test_bad_samples(manifold):
-    with refused(ConfigError, "samples must be an int >= 1, got 0", modules=(manifold.inr,)):
+    with refused(ConfigError, "samples must be an int in [1, 100000]", "got 0", modules=(manifold.inr,)):
         manifold.sample(0.5, samples=0)
 
 
@@ -931,6 +931,18 @@ def test_config_budget():
     cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=16384, layers=256))  # each value in range
     with refused(ConfigError, "inr.hidden 16384 x inr.layers 256", "68,719,476,736 weights"):
         check_config_budget(cfg)
+    with refused(ConfigError, "inr.hidden 16384 x inr.layers 256"):  # before any work, nothing allocated
+        mk.morph(nn.Linear(2, 2), [(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))],
+                 example_inputs=torch.zeros(1, 2), config=cfg, progress=False)
+
+
+def test_sample_and_predict_bound_k_from_the_caller(tmp_path):
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(valid_files()["manifold"])
+    manifold = mk.Manifold.load(p)
+    for call in (lambda: manifold.sample(0.5, samples=10**9), lambda: manifold.predict(0.5, samples=10**9)):
+        with refused(ConfigError, "samples must be an int in [1, 100000]", "got 1000000000"):
+            call()
 
 
 @pytest.mark.parametrize("samples", [10**9, 0, -1, 2.5, True])

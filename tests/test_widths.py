@@ -59,12 +59,14 @@ def manifold():
 def test_defaults_train_the_range_users_deploy():
     cfg = mk.MorphConfig()
     assert cfg.train.compression == (0.0, 0.75) and cfg.train.sandwich and not cfg.fuse_bn
+    assert cfg.train.clique_spread == 0.2
     assert cfg.calib_samples > 0
 
 
 def test_older_configs_keep_the_behaviour_they_were_trained_with():
     old = mk.MorphConfig.from_dict({"version": 3, "train": {"compression": [0.0, 0.5]}, "fuse_bn": True})
-    assert not old.train.sandwich and old.calib_samples == 0 and old.fuse_bn
+    assert not old.train.sandwich and old.calib_samples == 0 and old.fuse_bn and old.train.clique_spread == 0.0
+    assert mk.MorphConfig.from_dict({"version": 4}).train.clique_spread == 0.0
 
 
 def test_sandwich_trains_the_narrowest_width_every_step(manifold):
@@ -77,6 +79,25 @@ def test_sandwich_trains_the_narrowest_width_every_step(manifold):
         assert all(c.channels_for(0.25) <= drawn[c.id] <= c.channels_for(0.9) for c in cliques)
     single = draw_step_widths(cliques, mk.TrainConfig(sandwich=False), g)
     assert len(single) == 1
+
+
+def test_clique_spread_draws_unequal_maps_inside_the_trained_range(manifold):
+    g = torch.Generator().manual_seed(0)
+    cliques = [c for c in manifold.cliques if not c.fixed]
+    tc = mk.TrainConfig(compression=(0.0, 0.5), clique_spread=0.3)
+    unequal = 0
+    for _ in range(50):
+        drawn = draw_step_widths(cliques, tc, g)[1]
+        assert all(c.channels_for(0.5) <= drawn[c.id] <= c.size for c in cliques)
+        ratios = [drawn[c.id] / c.size for c in cliques]
+        unequal += max(ratios) - min(ratios) > 0.15
+    assert unequal > 10  # many maps give the cliques clearly different widths (20 of 50 for this seed)
+    for _ in range(20):  # spread 0: one width, up to a channel's rounding
+        same = draw_step_widths(cliques, mk.TrainConfig(compression=(0.0, 0.5), clique_spread=0.0), g)[1]
+        ratios = [same[c.id] / c.size for c in cliques]
+        assert max(ratios) - min(ratios) <= 1 / min(c.size for c in cliques)
+    with pytest.raises(mk.ConfigError, match="train.clique_spread"):
+        mk.TrainConfig(clique_spread=1.5)
 
 
 def test_kept_batchnorms_normalise_with_batch_statistics_in_training():
