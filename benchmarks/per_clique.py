@@ -64,6 +64,15 @@ def draw_map(manifold: mk.Manifold, target: int, spread: float, low: float, gen:
     return best if abs(params_of(manifold, best) - target) <= tolerance * target else None
 
 
+def trained_maps(tc: mk.TrainConfig) -> str:
+    """How the manifold's training drew width maps, in words."""
+    if tc.per_clique:
+        return "an independent width per clique"
+    if tc.clique_spread > 0:
+        return f"per-clique offsets U(-{tc.clique_spread:g}, {tc.clique_spread:g}) around each drawn width"
+    return "uniform width maps"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--manifold", required=True)
@@ -115,14 +124,15 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     m = machine()
     result = {"machine": m, "manifold": args.manifold, "trained_compression": list(manifold.config.train.compression),
-              "per_clique_training": manifold.config.train.per_clique, "spread": args.spread,
+              "per_clique_training": manifold.config.train.per_clique,
+              "training_clique_spread": manifold.config.train.clique_spread, "spread": args.spread,
               "tolerance": args.tolerance, "samples": args.samples, "seconds": round(seconds, 1), "groups": groups}
     md = [f"# {name}: random per-clique width maps against the uniform width", "",
           f"Command: `{m['command']}`  ",
           f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}; "
           f"{m['date']}  ",
           f"Manifold: `{args.manifold}` (trained on compression U{list(manifold.config.train.compression)}, "
-          f"{'per-clique' if manifold.config.train.per_clique else 'uniform'} width maps); K = {args.samples}; "
+          f"{trained_maps(manifold.config.train)}); K = {args.samples}; "
           f"maps: width offsets U(-{args.spread}, {args.spread}) per clique, parameter count within "
           f"{100 * args.tolerance:g}% of the uniform model's; {seconds:.0f} s.", "",
           "| compression | uniform | random maps: mean | stdev | min | max | maps | mean gap | narrowest clique "
