@@ -18,6 +18,17 @@ channel (``in`` held at 0.5) followed by one per in channel (``out`` at 0.5).
 Tables are built with tensor ops and cached per width map.
 ``assemble`` turns predicted rows back into tensors of the resized shapes;
 ``to_rows`` does the reverse for reconstruction targets.
+
+A *concatenated* dim (a layer fed by ``torch.cat`` of several cliques'
+channels: each clique's member marks the other cliques' positions ``-1``) is
+one row dim over a composite channel axis: the parts' channels one after the
+other, in the order of their first positions (a U-Net decoder's input is
+``[up | skip]``). At a width map each part keeps ``clique.kept(count)``, so the
+dim keeps exactly the positions :func:`~morphkit.resize.resize` keeps, in base
+order. A part's channel ``j`` of ``k`` sits at ``(offset + (j + 0.5) * size / k)
+/ total`` on the composite axis: the parts' boundaries stay put whatever their
+widths, and at a uniform width the coordinates are those of one clique of
+``total`` channels.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import torch
 from morphkit.clique import Clique
 
 __all__ = ["DimSpec", "TensorLayout", "DimPlan", "CoordTable", "plan_layouts", "CoordBuilder",
-           "fourier_features", "resize_static", "WidthMap"]
+           "fourier_features", "resize_static", "dim_spec", "WidthMap"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +53,27 @@ WidthMap = dict[int, int]  # clique id -> channel count
 
 @dataclass(frozen=True)
 class DimSpec:
-    """One clique-indexed dimension of a predicted tensor."""
+    """One clique-indexed dimension of a predicted tensor.
+
+    Attributes:
+        dim: The tensor dimension.
+        clique: Its clique; for a concatenated dim the first part's.
+        index: Channel of every position (``None``: the identity); for a
+            concatenated dim the composite channel (part offset + channel).
+        multiplicity: Positions per channel (flatten: spatial size; fused qkv: 3).
+        size: Channels in the base model (a concatenated dim: all parts together).
+        resizable: Whether the dim changes size with the width map (a
+            concatenated dim: whether any part does).
+        parts: A concatenated dim's cliques in composite order; ``()`` otherwise.
+    """
 
     dim: int
     clique: int
     index: tuple[int, ...] | None
-    multiplicity: int  # positions per clique channel (flatten: spatial size; fused qkv: 3)
-    size: int  # clique channel count in the base model
+    multiplicity: int
+    size: int
     resizable: bool
+    parts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,17 +123,107 @@ class TensorLayout:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "layer": self.layer, "role": self.role,
                 "scale": self.scale,
-                "rows": [{"dim": r.dim, "clique": r.clique, "multiplicity": r.multiplicity,
-                          "size": r.size, "resizable": r.resizable} for r in self.rows]}
+                "rows": [_row_json(r) for r in self.rows]}
 
 
-def _dims_of(cliques: list[Clique]) -> dict[str, dict[int, tuple[Clique, Any]]]:
-    """tensor name -> {dim: (clique, member)}."""
-    out: dict[str, dict[int, tuple[Clique, Any]]] = {}
+def _row_json(r: DimSpec) -> dict[str, Any]:
+    d: dict[str, Any] = {"dim": r.dim, "clique": r.clique, "multiplicity": r.multiplicity, "size": r.size,
+                         "resizable": r.resizable}
+    if r.parts:  # only concatenated dims: other layouts' JSON is unchanged
+        d["parts"] = list(r.parts)
+    return d
+
+
+DimMembers = list[tuple[Clique, Any]]  # the (clique, member) pairs that index one tensor dim
+
+
+def _dims_of(cliques: list[Clique]) -> dict[str, dict[int, DimMembers]]:
+    """tensor name -> {dim: [(clique, member), ...]} (several cliques on a concatenated dim)."""
+    out: dict[str, dict[int, DimMembers]] = {}
     for c in cliques:
         for m in c.members:
-            out.setdefault(m.name, {})[m.dim] = (c, m)
+            out.setdefault(m.name, {}).setdefault(m.dim, []).append((c, m))
     return out
+
+
+def _channels(index: tuple[int, ...] | None, length: int) -> np.ndarray | None:
+    """``(length,)`` channel of every position (``-1``: another clique's); None when the map does not fit."""
+    if index is None:
+        return np.arange(length, dtype=np.int64)
+    idx = np.asarray(index, dtype=np.int64)
+    return idx if idx.shape == (length,) else None
+
+
+def _concat_parts(pairs: DimMembers, length: int) -> tuple[list[Clique], np.ndarray, int] | None:
+    """A concatenated dim as one composite channel axis.
+
+    Returns:
+        ``(parts, index, total)``: the cliques in the order of their first
+        positions, the composite channel of every position (part offset +
+        channel, ``(length,)``) and the composite size; None when the cliques'
+        positions do not partition the dim (a position of no clique or of two).
+    """
+    owner = np.full(length, -1, dtype=np.int64)  # (length,) which pair owns each position
+    chans = []
+    for j, (_, m) in enumerate(pairs):
+        idx = _channels(m.index, length)
+        if idx is None:
+            return None
+        sel = idx >= 0
+        if (owner[sel] >= 0).any():
+            return None
+        owner[sel] = j
+        chans.append(idx)
+    if length == 0 or (owner < 0).any():
+        return None
+    first = {j: int(np.argmax(owner == j)) for j in range(len(pairs)) if (owner == j).any()}
+    if len(first) != len(pairs):
+        return None
+    order = sorted(first, key=first.get)
+    offsets = np.zeros(len(pairs), dtype=np.int64)
+    total = 0
+    for j in order:
+        offsets[j] = total
+        total += pairs[j][0].size
+    comp = np.empty(length, dtype=np.int64)
+    for j, idx in enumerate(chans):
+        sel = owner == j
+        comp[sel] = offsets[j] + idx[sel]
+    return [pairs[j][0] for j in order], comp, total
+
+
+def dim_spec(pairs: DimMembers, dim: int, length: int) -> DimSpec | None:
+    """The row spec of one tensor dim from the cliques that index it; None when no spec fits.
+
+    One clique whose map covers the dim gives a plain spec; several whose
+    positions partition the dim (``torch.cat``) give a concatenated one. None
+    when the channels do not all have the same number of positions, or the
+    cliques leave a position uncovered or claim one twice (the tensor then
+    stays static: copied from the base and sliced like :func:`~morphkit.resize.resize` slices it).
+
+    Example:
+        >>> from morphkit.clique import Member
+        >>> a, b = Clique(0, 2, [Member("w", 1, (0, 1, -1))]), Clique(1, 1, [Member("w", 1, (-1, -1, 0))])
+        >>> dim_spec([(a, a.members[0]), (b, b.members[0])], 1, 3)
+        DimSpec(dim=1, clique=0, index=(0, 1, 2), multiplicity=1, size=3, resizable=True, parts=(0, 1))
+    """
+    owning = [(c, m) for c, m in pairs if m.index is None or max(m.index, default=-1) >= 0]
+    pairs = owning or pairs  # a member with no position of its own does not shape the dim
+    if len(pairs) == 1:
+        c, m = pairs[0]
+        idx = _channels(m.index, length)
+        if idx is not None and (idx.size == 0 or idx.min() >= 0):
+            mult = _multiplicity(m.index, c.size, length)
+            return None if mult is None else DimSpec(dim, c.id, m.index, mult, c.size, not c.fixed)
+    found = _concat_parts(pairs, length)
+    if found is None:
+        return None
+    parts, comp, total = found
+    mult = _multiplicity(tuple(comp.tolist()), total, length)
+    if mult is None:
+        return None
+    return DimSpec(dim, parts[0].id, tuple(comp.tolist()), mult, total, any(not c.fixed for c in parts),
+                   tuple(c.id for c in parts))
 
 
 def _multiplicity(index: tuple[int, ...] | None, size: int, length: int) -> int | None:
@@ -137,7 +251,9 @@ def plan_layouts(cliques: list[Clique], state: dict[str, torch.Tensor],
     Only resizable dims become rows: a dim of a fixed clique (the model's
     input channels, its classes) never changes size, so it joins the trailing
     vector a head emits, like a kernel. A first layer ``(400, 784)`` is 400
-    rows of 784 values rather than 313,600 rows of one.
+    rows of 784 values rather than 313,600 rows of one. A dim that
+    concatenates several cliques' channels is one row dim over their
+    composite axis (:func:`dim_spec`) when any of them is resizable.
 
     Returns:
         ``(layouts, static_names)`` in ``state_dict`` order.
@@ -148,23 +264,23 @@ def plan_layouts(cliques: list[Clique], state: dict[str, torch.Tensor],
     modules: dict[str, int] = {}
     roles: dict[str, int] = {}
     for name, t in state.items():
-        spec = dims.get(name, {})
         rows = []
         ok = name in param_names and t.is_floating_point() and t.numel() > 1
-        spec = {d: cm for d, cm in spec.items() if not cm[0].fixed}  # fixed dims are trailing
+        # fixed dims (every clique on them fixed) are trailing
+        spec = {d: pairs for d, pairs in dims.get(name, {}).items() if any(not c.fixed for c, _ in pairs)}
         ok = ok and bool(spec) and len(spec) <= 2
         if ok:
             flat = t.detach().reshape(-1)
             ok = not bool((flat == flat[0]).all())
         if ok:
             for d in sorted(spec):
-                c, m = spec[d]
-                mult = _multiplicity(m.index, c.size, t.shape[d])
-                if mult is None:
-                    logger.warning("%s: dim %d maps unevenly onto clique %d; kept static", name, d, c.id)
+                row = dim_spec(spec[d], d, t.shape[d])
+                if row is None:
+                    logger.warning("%s: dim %d maps unevenly onto clique(s) %s; kept static", name, d,
+                                   ", ".join(str(c.id) for c, _ in spec[d]))
                     ok = False
                     break
-                rows.append(DimSpec(d, c.id, m.index, mult, c.size, not c.fixed))
+                rows.append(row)
         if not ok:
             static.append(name)
             continue
@@ -186,12 +302,12 @@ class DimPlan:
     inv: torch.Tensor | None  # inverse of perm
 
 
-def _dim_plan(index: tuple[int, ...] | None, length: int, clique: Clique, count: int) -> DimPlan:
-    ch = np.arange(length) if index is None else np.asarray(index, dtype=np.int64)
-    kept_ch = np.asarray(clique.kept(count), dtype=np.int64)
-    lookup = np.full(clique.size, -1, dtype=np.int64)
+def _dim_plan(index: tuple[int, ...] | None, length: int, kept_ch: np.ndarray, size: int) -> DimPlan:
+    """The plan of a dim whose positions map to channels ``index`` of ``size``, ``kept_ch`` kept in order."""
+    ch = np.arange(length) if index is None else np.asarray(index, dtype=np.int64)  # (P,)
+    lookup = np.full(size, -1, dtype=np.int64)
     lookup[kept_ch] = np.arange(kept_ch.size)
-    new = lookup[ch]
+    new = lookup[ch]  # (P,) new channel of each position, -1 when dropped
     pos = np.nonzero(new >= 0)[0]
     new = new[pos]
     perm = np.argsort(new, kind="stable")
@@ -201,13 +317,73 @@ def _dim_plan(index: tuple[int, ...] | None, length: int, clique: Clique, count:
                    inv=None if identity else torch.from_numpy(np.argsort(perm, kind="stable")))
 
 
-def resize_static(t: torch.Tensor, name: str, dims: dict[str, dict[int, tuple[Clique, Any]]],
+def _part_counts(r: DimSpec, cliques: dict[int, Clique], counts: WidthMap) -> list[tuple[Clique, int]]:
+    """``(clique, count)`` of a row dim's cliques at a width map (one for a plain dim)."""
+    ids = r.parts or (r.clique,)
+    return [(cliques[i], int(counts.get(i, cliques[i].size))) for i in ids]
+
+
+def _row_plan(r: DimSpec, length: int, cliques: dict[int, Clique], counts: WidthMap) -> DimPlan:
+    """The :class:`DimPlan` of a row dim: each part keeps ``clique.kept(count)``, parts one after the other."""
+    kept, off = [], 0
+    for c, k in _part_counts(r, cliques, counts):
+        kept.append(off + np.asarray(c.kept(k), dtype=np.int64))
+        off += c.size
+    return _dim_plan(r.index, length, np.concatenate(kept), r.size)
+
+
+def _row_centres(r: DimSpec, count: int, cliques: dict[int, Clique],
+                 counts: WidthMap) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell centres in [0, 1] and channel spacing of a row dim's ``count`` channels, ``(C,)`` each.
+
+    A plain dim: ``(c + 0.5) / C`` and ``1 / C``. A concatenated dim: part ``s``
+    (offset ``O``, ``S`` channels, ``k`` kept) puts channel ``j`` at
+    ``(O + (j + 0.5) * S / k) / total`` with spacing ``S / (k * total)`` (0 for
+    a fixed part, whose channels never move).
+    """
+    if not r.parts:
+        centres = (torch.arange(count, dtype=torch.float32) + 0.5) / count  # (C,)
+        spacing = torch.full((count,), 1.0 / count if r.resizable else 0.0)  # (C,)
+        return centres, spacing
+    cs, ss, off = [], [], 0
+    for c, k in _part_counts(r, cliques, counts):
+        j = np.arange(k, dtype=np.float64)
+        cs.append((off + (j + 0.5) * c.size / k) / r.size)
+        ss.append(np.full(k, 0.0 if c.fixed else c.size / (k * r.size)))
+        off += c.size
+    return (torch.from_numpy(np.concatenate(cs)).float(),  # (C,)
+            torch.from_numpy(np.concatenate(ss)).float())  # (C,)
+
+
+def resize_static(t: torch.Tensor, name: str, dims: dict[str, dict[int, DimMembers]],
                   counts: WidthMap) -> torch.Tensor:
-    """Slice a static tensor to a width map (kept positions along each clique dim)."""
-    for d, (c, m) in sorted(dims.get(name, {}).items()):
-        k = counts.get(c.id, c.size)
-        if k != c.size:
-            t = t.index_select(d, _dim_plan(m.index, t.shape[d], c, k).kept)
+    """Slice a static tensor to a width map: the positions :func:`~morphkit.resize.resize` keeps.
+
+    A position survives when every clique that indexes it keeps its channel
+    (positions of another clique, ``-1``, are left to that clique).
+
+    Args:
+        t: The base tensor.
+        name: Its ``state_dict`` key.
+        dims: :func:`_dims_of` of the model's cliques.
+        counts: The width map (missing cliques stay full).
+    """
+    for d, pairs in sorted(dims.get(name, {}).items()):
+        mask = None
+        for c, m in pairs:
+            k = int(counts.get(c.id, c.size))
+            if k == c.size:
+                continue
+            idx = _channels(m.index, t.shape[d])
+            if idx is None:
+                raise ValueError(f"{name}: the index map of dim {d} does not fit {t.shape[d]} positions")
+            kept = np.zeros(c.size, dtype=bool)
+            kept[np.asarray(c.kept(k), dtype=np.int64)] = True
+            mask = np.ones(t.shape[d], dtype=bool) if mask is None else mask
+            sel = idx >= 0
+            mask[sel] &= kept[idx[sel]]
+        if mask is not None and not mask.all():
+            t = t.index_select(d, torch.from_numpy(np.nonzero(mask)[0]).to(t.device))
     return t
 
 
@@ -218,8 +394,9 @@ class CoordTable:
     Attributes:
         coords: ``(R, 6)`` float32 coordinates (see module doc); a factored
             layout's segment holds ``C_out + C_in`` queries, not ``C_out * C_in`` rows.
-        noise: ``(R, 2)`` channel spacing of the out/in columns (``1 / C``), 0
-            where the dim is fixed: coordinate noise ``U(-a, a) * noise``.
+        noise: ``(R, 2)`` channel spacing of the out/in columns (``1 / C``; a
+            concatenated dim: its part's spacing on the composite axis), 0
+            where the dim or part is fixed: coordinate noise ``U(-a, a) * noise``.
         segments: Per layout, ``(start, end)`` of its rows.
         plans: Per layout, the :class:`DimPlan` of each row dim.
         fan_in: Per layout, the fan-in factor ``size_in / C_in`` (1 without a fan-in dim).
@@ -282,26 +459,26 @@ class CoordBuilder:
         blocks, noises, segments, plans, fan, cells = [], [], [], [], [], []
         start = 0
         for lt in self.layouts:
-            dplans = [_dim_plan(r.index, lt.shape[r.dim], self.cliques[r.clique],
-                                counts.get(r.clique, r.size)) for r in lt.rows]
+            dplans = [_row_plan(r, lt.shape[r.dim], self.cliques, counts) for r in lt.rows]
             # (out, in) row specs; a lone fan-in dim takes the "in" column and "out" is constant
             specs: list[DimSpec | None] = [None, lt.rows[0]] if lt.in_only else [*lt.rows, None][:2]
             counts_oi = [1, dplans[0].count] if lt.in_only else [dplans[0].count,
                                                                  dplans[1].count if len(dplans) > 1 else 1]
             c_out, c_in = counts_oi
             cells.append((c_out, c_in))
-            o = (torch.arange(c_out, dtype=torch.float32) + 0.5) / c_out  # (C_out,)
-            i = (torch.arange(c_in, dtype=torch.float32) + 0.5) / c_in  # (C_in,)
-            ns_out, ns_in = (1.0 / c if r is not None and r.resizable else 0.0 for c, r in zip(counts_oi, specs))
+            (o, ns_out), (i, ns_in) = (  # (C_out,) and (C_in,) centres and channel spacings
+                _row_centres(r, c, self.cliques, counts) if r is not None else (torch.full((c,), 0.5), torch.zeros(c))
+                for c, r in zip(counts_oi, specs))
             if self.factored[len(blocks)]:  # out queries (in at 0.5), then in queries (out at 0.5)
                 half = torch.full((c_out + c_in,), 0.5)
                 oo = torch.cat([o, half[c_out:]])  # (C_out + C_in,)
                 ii = torch.cat([half[:c_out], i])  # (C_out + C_in,)
-                noise = torch.cat([torch.tensor([[ns_out, 0.0]]).expand(c_out, 2),
-                                   torch.tensor([[0.0, ns_in]]).expand(c_in, 2)])  # (C_out + C_in, 2)
+                noise = torch.cat([torch.stack([ns_out, torch.zeros(c_out)], 1),
+                                   torch.stack([torch.zeros(c_in), ns_in], 1)])  # (C_out + C_in, 2)
             else:
                 oo, ii = torch.meshgrid(o, i, indexing="ij")  # (C_out, C_in) each
-                noise = torch.tensor([ns_out, ns_in], dtype=torch.float32).expand(c_out * c_in, 2)
+                no, ni = torch.meshgrid(ns_out, ns_in, indexing="ij")  # (C_out, C_in) each
+                noise = torch.stack([no.reshape(-1), ni.reshape(-1)], 1)  # (C_out * C_in, 2)
             n = oo.numel()
             w_out, w_in = (c / r.size if r is not None else 1.0 for c, r in zip(counts_oi, specs))
             layer = lt.layer / max(1, self.n_layers - 1)
@@ -314,7 +491,7 @@ class CoordBuilder:
             start += n
             plans.append(dplans)
             fi = lt.fan_in
-            fan.append(fi.size / counts.get(fi.clique, fi.size) if fi is not None else 1.0)
+            fan.append(fi.size / dplans[lt.rows.index(fi)].count if fi is not None else 1.0)
         coords = torch.cat(blocks) if blocks else torch.zeros(0, 6)
         noise = torch.cat(noises) if noises else torch.zeros(0, 2)
         return CoordTable(coords.contiguous(), noise.contiguous(), segments, plans, fan, cells, list(self.factored))

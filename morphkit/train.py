@@ -143,11 +143,7 @@ def prepare_base(model: nn.Module, example_inputs: Any, config: MorphConfig,
     _check_forward(base, inputs)
     if config.fuse_bn:
         base = fuse_bn(base)
-    cliques = find_cliques(base, inputs)
-    for c in cliques:  # channels merged by torch.cat: the coordinate tables do not model them yet
-        if not c.fixed and any(m.index is not None and min(m.index, default=0) < 0 for m in c.members):
-            c.fixed, c.reason = True, "shares a tensor with concatenated channels (not yet morphable)"
-            logger.warning("clique %d (%s) is kept at full width: %s", c.id, ", ".join(c.modules[:3]), c.reason)
+    cliques = find_cliques(base, inputs)  # cliques feeding a torch.cat morph too (coords: concatenated dims)
     if not any(not c.fixed for c in cliques):
         raise UnsupportedModelError(f"{type(model).__name__} has no resizable clique (all {len(cliques)} are "
                                     "fixed: see `morphkit cliques`); there is nothing to morph")

@@ -397,7 +397,10 @@ def parse_manifold_meta(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) 
     cliques = [Clique.from_json(c) for c in meta["cliques"]]
     ids = [c.id for c in cliques]
     _need(len(set(ids)) == len(ids), "clique ids", ids, "unique ids")
-    members = {(m.name, m.dim): m for c in cliques for m in c.members}
+    members: dict[tuple[str, int], list] = {}  # (tensor, dim) -> [(clique, member)]: several on a torch.cat input
+    for c in cliques:
+        for m in c.members:
+            members.setdefault((m.name, m.dim), []).append((c, m))
     _need(isinstance(meta["layouts"], list), "layouts", meta["layouts"], "a list")
     layouts = [_layout_from_json(d, members) for d in meta["layouts"]]
     names = [lt.name for lt in layouts]
@@ -452,8 +455,8 @@ def parse_manifold_meta(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) 
             "example": example, "arch": arch, "info": info, "fused_bn": fused, "calib": calib}
 
 
-def _layout_from_json(d: Any, members: dict[tuple[str, int], Any]) -> Any:
-    from morphkit.coords import DimSpec, TensorLayout
+def _layout_from_json(d: Any, members: dict[tuple[str, int], list]) -> Any:
+    from morphkit.coords import DimSpec, TensorLayout, dim_spec
 
     _need(isinstance(d, dict), "layout", d, "a JSON object")
     name, shape, rows = d.get("name"), d.get("shape"), d.get("rows")
@@ -473,9 +476,21 @@ def _layout_from_json(d: Any, members: dict[tuple[str, int], Any]) -> Any:
             _need(_is_int(r.get(key), lo), f"layout {name} row {key}", r.get(key), f"an int >= {lo}")
         _need(isinstance(r.get("resizable"), bool), f"layout {name} row resizable", r.get("resizable"),
               "true or false")
-        m = members.get((name, r["dim"]))
-        _need(m is not None, f"layout {name} row dim", r["dim"], "a dim that one of the cliques indexes")
-        specs.append(DimSpec(r["dim"], r["clique"], m.index, r["multiplicity"], r["size"], r["resizable"]))
+        pairs = members.get((name, r["dim"]))
+        _need(pairs is not None, f"layout {name} row dim", r["dim"], "a dim that one of the cliques indexes")
+        parts = r.get("parts")
+        if parts is None:
+            specs.append(DimSpec(r["dim"], r["clique"], pairs[-1][1].index, r["multiplicity"], r["size"],
+                                 r["resizable"]))
+            continue
+        _need(isinstance(parts, list) and len(parts) >= 2 and all(_is_int(i, 0) for i in parts)
+              and r["dim"] < len(shape), f"layout {name} row parts", parts,
+              "the clique ids (two or more) of a concatenated dim")
+        spec = dim_spec(pairs, r["dim"], shape[r["dim"]])  # the composite index, checked in check_structure
+        _need(spec is not None and list(spec.parts) == parts, f"layout {name} row parts", parts,
+              "the cliques that index the dim, in the order of their positions")
+        specs.append(DimSpec(r["dim"], r["clique"], spec.index, r["multiplicity"], r["size"], r["resizable"],
+                             tuple(parts)))
     dims = [r.dim for r in specs]
     _need(dims == sorted(set(dims)) and dims[-1] < len(shape), f"layout {name} row dims", dims,
           f"increasing dims of its {len(shape)}-d tensor")
@@ -484,9 +499,9 @@ def _layout_from_json(d: Any, members: dict[tuple[str, int], Any]) -> Any:
 
 def check_structure(cliques: list[Any], layouts: list[Any], shapes: dict[str, tuple[int, ...]]) -> None:
     """Cliques and layouts against the base model's shapes; ValueError names the first inconsistency."""
-    from morphkit.coords import _multiplicity
+    from morphkit.coords import dim_spec
 
-    owner: dict[tuple[str, int], Any] = {}
+    owner: dict[tuple[str, int], list] = {}
     for c in cliques:
         for m in c.members:
             if m.name not in shapes:
@@ -500,13 +515,15 @@ def check_structure(cliques: list[Any], layouts: list[Any], shapes: dict[str, tu
             if m.index is not None and (len(m.index) != n or any(not -1 <= i < c.size for i in m.index)):
                 raise ValueError(f"clique {c.id}: the index map of {m.name!r} dim {m.dim} does not fit {n} "
                                  f"positions and {c.size} channels")
-            owner[(m.name, m.dim)] = c
+            owner.setdefault((m.name, m.dim), []).append((c, m))
     for lt in layouts:
         for r in lt.rows:
-            c = owner[(lt.name, r.dim)]
-            mult = _multiplicity(r.index, c.size, lt.shape[r.dim])
-            if (r.clique, r.size, r.resizable, r.multiplicity) != (c.id, c.size, not c.fixed, mult):
-                raise ValueError(f"layout {lt.name!r} dim {r.dim} disagrees with clique {c.id} (clique {r.clique}, "
+            want = dim_spec(owner[(lt.name, r.dim)], r.dim, lt.shape[r.dim])
+            if want is None or (r.clique, r.size, r.resizable, r.multiplicity, r.parts, r.index) != (
+                    want.clique, want.size, want.resizable, want.multiplicity, want.parts, want.index):
+                ids = [c.id for c, _ in owner[(lt.name, r.dim)]]
+                who = f"clique {ids[0]}" if len(ids) == 1 else f"the concatenated cliques {ids}"
+                raise ValueError(f"layout {lt.name!r} dim {r.dim} disagrees with {who} (clique {r.clique}, "
                                  f"size {r.size}, multiplicity {r.multiplicity}, resizable {r.resizable})")
 
 
