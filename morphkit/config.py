@@ -18,7 +18,7 @@ from morphkit.errors import ConfigError
 
 __all__ = ["INRConfig", "TrainConfig", "SmoothConfig", "MorphConfig", "CONFIG_VERSION"]
 
-CONFIG_VERSION = 5
+CONFIG_VERSION = 6
 # Fields added later whose defaults changed behaviour: an older dict (a manifold file written
 # before that version) gets the values it was trained with, not today's defaults.
 _V1_INR = {"resample": "bilinear", "train_base": False}  # added in version 2
@@ -26,6 +26,7 @@ _V2_INR = {"factor_rank": 0}  # added in version 3
 _V3_TRAIN = {"sandwich": False}  # added in version 4
 _V3_TOP = {"calib_samples": 0}  # added in version 4
 _V4_TRAIN = {"clique_spread": 0.0}  # added in version 5
+_V5_INR = {"factor_above": 0}  # added in version 6
 
 #: Sanity bounds: larger values are typos (a 16384-wide INR already has 268 M weights per layer).
 MAX_HIDDEN = 16384
@@ -87,6 +88,15 @@ class INRConfig:
             predicts every weight of such a matrix separately (versions 1-2).
             Used with ``resample="area"`` or ``residual=False``; ignored by
             ``"bilinear"``, whose base is read at each weight's own coordinates.
+        factor_above: Also factor any tensor with two resizable channel dims
+            (convolutions, 1x1 included) whose base has more than this many
+            ``(out, in)`` channel pairs; its head then emits ``r + r * T``
+            values per query (``T``: kernel positions). Unfactored, the INR
+            runs its MLP once per channel pair per step: 697k rows for timm
+            resnet18, 11x the cost of a plain training step of the network at
+            64x64 (``benchmarks/results/speed.md``). The default 4096 leaves
+            every tensor of ResNet-20 (at most 64 x 64) and LeNet-5 as it was;
+            0 factors no convolution (versions 1-5).
         precision: ``"float32"`` or ``"bfloat16"``: the MLP's matrix products
             (trunk and heads) run under bfloat16 autocast, with the residual base
             and the outputs in float32. Matrix products are many times faster on
@@ -104,6 +114,7 @@ class INRConfig:
     resample: str = "area"
     train_base: bool = True
     factor_rank: int = 16
+    factor_above: int = 4096
     precision: str = "float32"
 
     def __post_init__(self) -> None:
@@ -116,6 +127,8 @@ class INRConfig:
         _check(isinstance(self.train_base, bool), "inr.train_base", self.train_base, "true or false")
         _check(_is_int(self.factor_rank, 0, MAX_HIDDEN), "inr.factor_rank", self.factor_rank,
                f"an int in [0, {MAX_HIDDEN}] (0: no factorisation)")
+        _check(_is_int(self.factor_above, 0), "inr.factor_above", self.factor_above,
+               "an int >= 0 (channel pairs; 0: factor no convolution)")
         _check(self.resample in ("bilinear", "area"), "inr.resample", self.resample, '"bilinear" or "area"')
         _check(self.precision in ("float32", "bfloat16"), "inr.precision", self.precision,
                '"float32" or "bfloat16"')
@@ -340,6 +353,8 @@ class MorphConfig:
             d = {**_V3_TOP, **d}
         if version < 5 and isinstance(d.get("train", {}), dict):
             d["train"] = {**_V4_TRAIN, **d.get("train", {})}
+        if version < 6 and isinstance(d.get("inr", {}), dict):
+            d["inr"] = {**_V5_INR, **d.get("inr", {})}
         subs = {"inr": INRConfig, "train": TrainConfig, "smooth": SmoothConfig}
         kwargs: dict[str, Any] = {}
         top = {f.name for f in fields(cls)}

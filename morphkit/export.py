@@ -181,10 +181,14 @@ def load_model(path: str | Path, base: nn.Module | None = None) -> nn.Module:
 
         model = fuse_bn(model)
     if widths and _shapes_differ(model, tensors):
+        from morphkit.graph import find_cliques
         from morphkit.resize import resize
 
         try:
-            model = resize(model, _example_inputs(model, meta, path), widths)
+            inputs = _example_inputs(model, meta, path)
+            # no validation passes: the recorded width map already says which cliques changed, and
+            # _load_strict checks every resulting shape against the file
+            model = resize(model, inputs, widths, cliques=find_cliques(model, inputs, check=False))
         except MorphkitError as e:
             raise CheckpointError(f"{str(path)!r}: cannot resize its architecture to the recorded width map "
                                   f"{widths}: {e}; is it a file for another model? pass the matching base=") from e
@@ -227,6 +231,8 @@ def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path: str |
         raise CheckpointError(f"{str(path)!r}: tensor {k!r} is {tensors[k].dtype} in the file but "
                               f"{state[k].dtype} in the model; the file is corrupt — write it again")
     try:
-        model.load_state_dict(tensors, strict=True)
+        from morphkit.graph import with_metadata
+
+        model.load_state_dict(with_metadata(model, tensors), strict=True)
     except (RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{str(path)!r}: its weights cannot be loaded into the model: {e}") from e

@@ -25,6 +25,7 @@ from morphkit.config import MorphConfig
 from morphkit.coords import CoordBuilder, CoordTable, TensorLayout, WidthMap, _dims_of, resize_static
 from morphkit.errors import CheckpointError, ConfigError, MorphkitError
 from morphkit.formats import MANIFOLD_FORMAT, format_tag
+from morphkit.graph import with_metadata
 from morphkit.inr import INR, box_merge
 from morphkit.untrusted import (  # noqa: F401 - CALIB_KEY, MAX_CALIB_ELEMENTS re-exported
     CALIB_KEY,
@@ -78,17 +79,31 @@ def factor_ranks(layouts: list[TensorLayout], config: MorphConfig) -> list[int]:
     Linear layers' weights (2-D tensors whose two dims are resizable channels,
     one value per channel pair) get ``config.inr.factor_rank`` unless the
     base is bilinear-resampled (read at each weight's own coordinates, which
-    factored queries do not have). 1x1 convolutions are not factored: on
-    ResNet-20 / CIFAR-10 (150 steps, 2 seeds) factoring its two 1x1 shortcut
-    convs cost 2.6 and 7.1 points at 50% compression. Nor is a linear layer
-    reading a flattened map (LeNet-5's ``fc1``: 120 x 16 channels x 25
-    positions): its 1,920 rows are cheap and a factored head emitting
-    ``r * 25`` values per in channel would add 26k parameters for no speed.
+    factored queries do not have). So does any tensor with out and in rows
+    and more than ``config.inr.factor_above`` channel pairs (a wide
+    convolution: its head emits ``r + r * T`` values per query). Smaller 1x1
+    convolutions are not factored: on ResNet-20 / CIFAR-10 (150 steps, 2
+    seeds) factoring its two 1x1 shortcut convs cost 2.6 and 7.1 points at 50%
+    compression. Nor is a linear layer reading a flattened map (LeNet-5's
+    ``fc1``: 120 x 16 channels x 25 positions): its 1,920 rows are cheap and a
+    factored head emitting ``r * 25`` values per in channel would add 26k
+    parameters for no speed.
+
+    Example:
+        >>> factor_ranks([], MorphConfig())
+        []
     """
     ic = config.inr
     ok = ic.factor_rank > 0 and (ic.resample == "area" or not ic.residual)
-    return [ic.factor_rank if ok and len(lt.shape) == 2 and len(lt.rows) == 2 and lt.trailing == 1 else 0
-            for lt in layouts]
+
+    def rank(lt: TensorLayout) -> int:
+        if not ok or len(lt.rows) != 2 or lt.in_only:
+            return 0
+        plain = len(lt.shape) == 2 and lt.trailing == 1
+        wide = ic.factor_above > 0 and lt.grid_shape[0] * lt.grid_shape[1] > ic.factor_above
+        return ic.factor_rank if plain or wide else 0
+
+    return [rank(lt) for lt in layouts]
 
 
 def build_inr(layouts: list[TensorLayout], config: MorphConfig) -> INR:
@@ -220,13 +235,17 @@ class Manifold:
 
     # -------------------------------------------------------------- structure
     def template(self, counts: WidthMap) -> nn.Module:
-        """The base structure resized to a width map (cached; do not modify it)."""
+        """The base structure resized to a width map (cached; do not modify it).
+
+        A light copy (:func:`~morphkit.graph.light_copy_with`: it shares the
+        base's plain attributes): deep-copy it before handing it to a user.
+        """
         key = tuple(sorted(counts.items()))
         hit = self._templates.pop(key, None)
         if hit is None:
             from morphkit.resize import resize
 
-            hit = resize(self.base, self.example_inputs, counts, cliques=self.cliques).eval()
+            hit = resize(self.base, self.example_inputs, counts, cliques=self.cliques, light=True).eval()
         self._templates[key] = hit
         while len(self._templates) > 64:
             self._templates.pop(next(iter(self._templates)))
@@ -378,7 +397,7 @@ class Manifold:
                                                                   unseen=unseen)}
             net = copy.deepcopy(self.template(counts))
             try:
-                net.load_state_dict(state, strict=True)
+                net.load_state_dict(with_metadata(net, state), strict=True)
             except RuntimeError as e:  # an internal inconsistency, not user input
                 raise MorphkitError(f"sampled tensors do not fit the resized model: {e}") from e
             if calib_data is None and self.calib is not None and not self.fused_bn:
@@ -508,7 +527,7 @@ class Manifold:
             if bad or len(stored) != len(p["layouts"]):
                 raise CheckpointError(f"{str(path)!r}: stored base tensors {bad[:4] or 'incomplete'} do not fit "
                                       "the base model; the file is corrupt or was edited — write it again")
-            model.load_state_dict({**static, **stored}, strict=False)
+            model.load_state_dict(with_metadata(model, {**static, **stored}), strict=False)
         return cls(inr, p["cliques"], p["layouts"], static, model, p["example"], p["config"], p["arch"],
                    p["perms"], info=p["info"], fused_bn=p["fused_bn"], base_is_trained=bool(stored),
                    calib=None if p["calib"] is None else p["calib"].float())

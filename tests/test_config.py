@@ -73,6 +73,12 @@ def test_version_1_configs_keep_the_behaviour_they_were_trained_with():
     assert now.inr.resample == "area" and now.inr.train_base is True and now.inr.factor_rank == 16
     with pytest.raises(ConfigError, match="inr.factor_rank"):
         INRConfig(factor_rank=-1)
+    v5 = MorphConfig().to_dict()
+    v5["version"] = 5
+    del v5["inr"]["factor_above"]  # added in version 6: older manifolds factored no convolution
+    assert MorphConfig.from_dict(v5).inr.factor_above == 0 and now.inr.factor_above == 4096
+    with pytest.raises(ConfigError, match="inr.factor_above"):
+        INRConfig(factor_above=-1)
     assert now.train.base_jitter == 0.0  # off by default (files without the key were trained without it)
     with pytest.raises(ConfigError, match="train.base_jitter"):
         TrainConfig(base_jitter=2.5)

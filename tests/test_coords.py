@@ -343,3 +343,34 @@ def test_base_jitter_moves_narrower_merges_only_and_is_seeded(lenet_plan):
     assert not torch.equal(one["conv2.weight"], other["conv2.weight"])
     at_full = pred(full, 0)  # full width: every cell is one channel, nothing to jitter
     assert all(torch.equal(at_full[lt.name], state[lt.name]) for lt in b.layouts)
+
+
+def test_wide_convolutions_are_factored_above_factor_above():
+    from morphkit.graph import find_cliques
+    from morphkit.manifold import factor_ranks
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 80, 3), torch.nn.ReLU(), torch.nn.Conv2d(80, 64, 3),
+                                torch.nn.ReLU(), torch.nn.Conv2d(64, 48, 1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(48, 10, 1))
+    x = torch.randn(1, 3, 12, 12)
+    cliques = find_cliques(model, x)
+    layouts, _ = plan_layouts(cliques, model.state_dict(), {n for n, _ in model.named_parameters()})
+    names = [lt.name for lt in layouts]
+    ranks = dict(zip(names, factor_ranks(layouts, mk.MorphConfig())))
+    # 80 x 64 = 5120 channel pairs > 4096: factored; 64 x 48 = 3072 (a 1x1 conv) and the biases are not
+    assert {n for n, r in ranks.items() if r} == {"2.weight"} and ranks["2.weight"] == 16
+    low = mk.MorphConfig(inr=mk.INRConfig(factor_above=3000))
+    assert {n for n, r in zip(names, factor_ranks(layouts, low)) if r} == {"2.weight", "4.weight"}
+    off = mk.MorphConfig(inr=mk.INRConfig(factor_above=0))
+    assert not any(factor_ranks(layouts, off))
+    torch.manual_seed(0)
+    manifold = mk.morph(model, [(torch.randn(4, 3, 12, 12), torch.randn(4, 10, 8, 8))], example_inputs=x,
+                        loss_fn=lambda m, b: (m(b[0]) - b[1]).pow(2).mean(),
+                        config=mk.MorphConfig(train=mk.TrainConfig(steps=2)), progress=False)
+    k = names.index("2.weight")
+    table = manifold.builder.table(manifold.width_map(0.5))
+    assert table.factored[k] and table.segments[k][1] - table.segments[k][0] == 40 + 32  # queries, not 1,280 rows
+    net = manifold.sample(0.5, samples=3)
+    assert net[2].weight.shape == (32, 40, 3, 3) and net(x).shape == (1, 10, 8, 8)
+    full = manifold.sample(1.0)
+    assert torch.allclose(full(x), model(x), atol=1e-5)

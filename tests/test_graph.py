@@ -228,3 +228,21 @@ def test_channel_reduction_and_residual_on_the_input():
     assert [(c.size, c.fixed, c.reason) for c in cs] == [
         (3, True, "model input"), (6, False, ""), (2, True, "model output (c3)")]
     assert {(m.name, m.dim) for m in cs[0].members} >= {("c1.weight", 0), ("c1.weight", 1), ("c2.weight", 1)}
+
+
+def test_light_copy_shares_attributes_but_not_structure():
+    from morphkit.graph import copy_with, light_copy_with
+
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Conv2d(1, 1, 1))
+    new = light_copy_with(model, {"0.weight": torch.zeros(2, 4)})
+    assert new is not model and new[0] is not shared and new[0] is new[2]  # tied modules stay tied
+    assert new[0].weight.shape == (2, 4) and shared.weight.shape == (4, 4)  # the original is untouched
+    assert isinstance(new[0].weight, nn.Parameter) and new[3].weight is model[3].weight  # unchanged: shared
+    new[3].groups = 7  # size attributes are the copy's own
+    assert model[3].groups == 1 and new[3].padding is model[3].padding
+    model2 = nn.Sequential(nn.Linear(2, 2))
+    model2[0].cache = [model2[0].weight]  # a plain attribute holding a parameter
+    deep = light_copy_with(model2, {})
+    assert deep[0].cache[0] is deep[0].weight and deep[0].weight is not model2[0].weight
+    assert copy_with(model2, {})[0].cache[0] is not model2[0].weight

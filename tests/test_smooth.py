@@ -165,3 +165,35 @@ def test_smoothing_keeps_the_callers_torch_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_wide_problems_estimate_distances_on_sampled_features(monkeypatch):
+    """Above MAX_DISTANCE_TERMS the solver sees sampled features, yet the kept order is judged on all of them."""
+    import importlib
+
+    sm = importlib.import_module("morphkit.smooth")  # the package attribute `smooth` is the function
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(600, 64), nn.ReLU(), nn.Linear(64, 8))
+    with torch.no_grad():  # hidden channel c holds a smooth function of c/64
+        t = torch.linspace(0, 1, 64)[:, None]
+        model[0].weight.copy_(torch.sin(3 * t + torch.arange(600.0)[None, :] / 50))
+    x = torch.randn(4, 600)
+    cliques = find_cliques(model, x)
+    hidden = next(c for c in cliques if c.size == 64)
+    shuffled = apply_permutation(model, cliques, {hidden.id: np.random.default_rng(0).permutation(64)})
+    monkeypatch.setattr(sm, "MAX_DISTANCE_TERMS", 64 * 64 * 100)  # 64 x 609 features: sampled
+    monkeypatch.setattr(sm, "MIN_SAMPLED_FEATURES", 16)
+    sub = sm._feature_subset(torch.zeros(64, 609), seed=0)
+    assert sub is not None and sub.numel() == 200 and bool((sub.diff() > 0).all())
+    assert sm._feature_subset(torch.zeros(64, 100), seed=0) is None  # small problems: every feature
+    smoothed, perms = smooth(shuffled, x, cliques)
+    assert_same_function(model, smoothed, x)
+    assert sorted(perms[hidden.id].tolist()) == list(range(64))
+    tv_smooth, tv_shuffled = total_variation(model, x, cliques), total_variation(shuffled, x, cliques)
+    assert total_variation(smoothed, x, cliques) <= 1.05 * tv_smooth < tv_shuffled
+    feats = torch.randn(10, 7)
+    order = np.array([3, 1, 0, 9, 2, 8, 4, 7, 5, 6])
+    from morphkit.solver import path_length
+
+    assert sm._path_l1(feats, order) == pytest.approx(path_length(l1_distances(feats), order), rel=1e-5)
