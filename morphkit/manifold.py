@@ -237,8 +237,10 @@ class Manifold:
     def template(self, counts: WidthMap) -> nn.Module:
         """The base structure resized to a width map (cached; do not modify it).
 
-        A light copy (:func:`~morphkit.graph.light_copy_with`: it shares the
-        base's plain attributes): deep-copy it before handing it to a user.
+        A structure (``resize(..., light=True)``): it shares the base's plain
+        attributes and its resized tensors are zeros; callers fill every
+        tensor (``functional_call``, ``load_state_dict``) and deep-copy it
+        before handing it to a user.
         """
         key = tuple(sorted(counts.items()))
         hit = self._templates.pop(key, None)

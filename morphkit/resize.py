@@ -111,10 +111,12 @@ def resize(model: nn.Module, example_inputs: Any, width: float | dict[int, int],
         check: Run a forward pass on ``example_inputs`` and raise if it fails.
         round_to: Every resizable clique's channel count a multiple of this
             where the clique allows (:func:`~morphkit.clique.width_map`).
-        light: Share the model's plain attributes instead of deep-copying
-            them (:func:`~morphkit.graph.light_copy_with`): ~100x faster, for
-            structures morphkit fills and discards (training templates);
-            deep-copy the result before handing it on.
+        light: Build a structure, not a model: the plain attributes are the
+            model's own objects (:func:`~morphkit.graph.light_copy_with`) and the
+            resized tensors are zeros of the new shapes (the unchanged ones are
+            shared). Many times faster; for templates morphkit fills with
+            ``functional_call`` or ``load_state_dict`` and deep-copies before
+            handing on.
 
     Returns:
         A new module of the same classes, with ``morphkit_widths`` =
@@ -167,6 +169,12 @@ def _resize_unchecked(model: nn.Module, cliques: Sequence[Clique], widths: dict[
     sliced = {}
     for key, items in per_key.items():
         data = state[key].detach()
+        if light:  # a structure: the shape is what counts, the values are filled in by the caller
+            shape = list(data.shape)
+            for dim, pos in items:
+                shape[dim] = len(pos)
+            sliced[key] = torch.zeros(shape, dtype=data.dtype, device=data.device)
+            continue
         for dim, pos in sorted(items, key=lambda x: x[0]):
             data = data.index_select(dim, torch.as_tensor(pos, dtype=torch.long, device=data.device))
         sliced[key] = data.contiguous()

@@ -67,7 +67,9 @@ def test_save_load_same_weights_in_a_new_process(trained, tmp_path):
     ref = mk.Manifold.load(p).sample(0.5)
     for k, v in live.state_dict().items():  # in memory vs reloaded: float32 round-off at most
         assert torch.allclose(v, ref.state_dict()[k], rtol=1e-5, atol=1e-7), k
-    code = (f"import morphkit as mk, torch; n = mk.Manifold.load({str(p)!r}).sample(0.5); "
+    # same thread count as here: a float sum's order (and its last bits) depends on it
+    code = (f"import morphkit as mk, torch; torch.set_num_threads({torch.get_num_threads()}); "
+            f"n = mk.Manifold.load({str(p)!r}).sample(0.5); "
             "print(repr(sum(float(t.double().sum()) for t in n.state_dict().values())))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert float(out.strip()) == sum(float(t.double().sum()) for t in ref.state_dict().values())
