@@ -241,7 +241,8 @@ def main() -> None:
           f"Default MorphConfig (INR {cfg.inr.hidden}x{cfg.inr.layers}, factor rank {cfg.inr.factor_rank}, "
           f"factored above {cfg.inr.factor_above} channel pairs; two width maps per step). Step times: "
           "medians over interleaved rounds (plain, morph, plain) of each round's median step; peak memory: "
-          "resident set above the start of the steps (morph: including its set-up). "
+          "3 steps in a fresh interpreter after a warm-up, peak resident set above the ready state (morph: "
+          "including its set-up); sample(1) returns the stored base. "
           f"`morphkit --help`: {result['help_s']:.2f} s.", "",
           "| model | input, batch | params | INR params | rows (full) | plain step ms | morph step ms | "
           "ratio | plain peak MB | morph peak MB | memory ratio | "
