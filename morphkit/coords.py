@@ -49,6 +49,7 @@ __all__ = ["DimSpec", "TensorLayout", "DimPlan", "CoordTable", "plan_layouts", "
 logger = logging.getLogger(__name__)
 
 WidthMap = dict[int, int]  # clique id -> channel count
+BLOCK_CACHE_FLOATS = 1 << 24  # cached coordinate blocks per builder: at most 64 MB of float32
 
 
 @dataclass(frozen=True)
@@ -439,6 +440,11 @@ class CoordBuilder:
         self.n_roles = max((lt.role for lt in layouts), default=0) + 1
         self.cache_size = cache_size
         self._cache: dict[tuple, CoordTable] = {}
+        # per layout and the counts of its row cliques: its rows, noise scales, plans, cells, fan-in factor.
+        # Training meets a new width map nearly every step (the clique spread), but each layout's own
+        # counts repeat, so tables are assembled from cached blocks (bounded by BLOCK_CACHE_FLOATS).
+        self._blocks: dict[tuple, tuple] = {}
+        self._block_floats = 0
 
     def full(self) -> WidthMap:
         """The base model's width map."""
@@ -458,43 +464,59 @@ class CoordBuilder:
     def _build(self, counts: WidthMap) -> CoordTable:
         blocks, noises, segments, plans, fan, cells = [], [], [], [], [], []
         start = 0
-        for lt in self.layouts:
-            dplans = [_row_plan(r, lt.shape[r.dim], self.cliques, counts) for r in lt.rows]
-            # (out, in) row specs; a lone fan-in dim takes the "in" column and "out" is constant
-            specs: list[DimSpec | None] = [None, lt.rows[0]] if lt.in_only else [*lt.rows, None][:2]
-            counts_oi = [1, dplans[0].count] if lt.in_only else [dplans[0].count,
-                                                                 dplans[1].count if len(dplans) > 1 else 1]
-            c_out, c_in = counts_oi
-            cells.append((c_out, c_in))
-            (o, ns_out), (i, ns_in) = (  # (C_out,) and (C_in,) centres and channel spacings
-                _row_centres(r, c, self.cliques, counts) if r is not None else (torch.full((c,), 0.5), torch.zeros(c))
-                for c, r in zip(counts_oi, specs))
-            if self.factored[len(blocks)]:  # out queries (in at 0.5), then in queries (out at 0.5)
-                half = torch.full((c_out + c_in,), 0.5)
-                oo = torch.cat([o, half[c_out:]])  # (C_out + C_in,)
-                ii = torch.cat([half[:c_out], i])  # (C_out + C_in,)
-                noise = torch.cat([torch.stack([ns_out, torch.zeros(c_out)], 1),
-                                   torch.stack([torch.zeros(c_in), ns_in], 1)])  # (C_out + C_in, 2)
-            else:
-                oo, ii = torch.meshgrid(o, i, indexing="ij")  # (C_out, C_in) each
-                no, ni = torch.meshgrid(ns_out, ns_in, indexing="ij")  # (C_out, C_in) each
-                noise = torch.stack([no.reshape(-1), ni.reshape(-1)], 1)  # (C_out * C_in, 2)
-            n = oo.numel()
-            w_out, w_in = (c / r.size if r is not None else 1.0 for c, r in zip(counts_oi, specs))
-            layer = lt.layer / max(1, self.n_layers - 1)
-            role = lt.role / max(1, self.n_roles - 1)
-            const = torch.tensor([layer, w_out, w_in, role], dtype=torch.float32).expand(n, 4)
-            block = torch.cat([const[:, :1], oo.reshape(n, 1), ii.reshape(n, 1), const[:, 1:]], 1)  # (n, 6)
+        for k, lt in enumerate(self.layouts):
+            key = (k, tuple(tuple(n for _, n in _part_counts(r, self.cliques, counts)) for r in lt.rows))
+            hit = self._blocks.get(key)
+            if hit is None:
+                hit = self._block(k, lt, counts)
+                self._blocks[key] = hit
+                self._block_floats += hit[0].numel() + hit[1].numel()
+                while self._block_floats > BLOCK_CACHE_FLOATS and len(self._blocks) > 1:  # oldest first
+                    old = self._blocks.pop(next(iter(self._blocks)))
+                    self._block_floats -= old[0].numel() + old[1].numel()
+            block, noise, dplans, cell, fi = hit
             blocks.append(block)
             noises.append(noise)
+            n = block.shape[0]
             segments.append((start, start + n))
             start += n
             plans.append(dplans)
-            fi = lt.fan_in
-            fan.append(fi.size / dplans[lt.rows.index(fi)].count if fi is not None else 1.0)
+            cells.append(cell)
+            fan.append(fi)
         coords = torch.cat(blocks) if blocks else torch.zeros(0, 6)
         noise = torch.cat(noises) if noises else torch.zeros(0, 2)
         return CoordTable(coords.contiguous(), noise.contiguous(), segments, plans, fan, cells, list(self.factored))
+
+    def _block(self, k: int, lt: TensorLayout, counts: WidthMap) -> tuple:
+        """One layout's ``(coords (n, 6), noise (n, 2), dim plans, (C_out, C_in), fan-in factor)``."""
+        dplans = [_row_plan(r, lt.shape[r.dim], self.cliques, counts) for r in lt.rows]
+        # (out, in) row specs; a lone fan-in dim takes the "in" column and "out" is constant
+        specs: list[DimSpec | None] = [None, lt.rows[0]] if lt.in_only else [*lt.rows, None][:2]
+        counts_oi = [1, dplans[0].count] if lt.in_only else [dplans[0].count,
+                                                             dplans[1].count if len(dplans) > 1 else 1]
+        c_out, c_in = counts_oi
+        (o, ns_out), (i, ns_in) = (  # (C_out,) and (C_in,) centres and channel spacings
+            _row_centres(r, c, self.cliques, counts) if r is not None else (torch.full((c,), 0.5), torch.zeros(c))
+            for c, r in zip(counts_oi, specs))
+        if self.factored[k]:  # out queries (in at 0.5), then in queries (out at 0.5)
+            half = torch.full((c_out + c_in,), 0.5)
+            oo = torch.cat([o, half[c_out:]])  # (C_out + C_in,)
+            ii = torch.cat([half[:c_out], i])  # (C_out + C_in,)
+            noise = torch.cat([torch.stack([ns_out, torch.zeros(c_out)], 1),
+                               torch.stack([torch.zeros(c_in), ns_in], 1)])  # (C_out + C_in, 2)
+        else:
+            oo, ii = torch.meshgrid(o, i, indexing="ij")  # (C_out, C_in) each
+            no, ni = torch.meshgrid(ns_out, ns_in, indexing="ij")  # (C_out, C_in) each
+            noise = torch.stack([no.reshape(-1), ni.reshape(-1)], 1)  # (C_out * C_in, 2)
+        n = oo.numel()
+        w_out, w_in = (c / r.size if r is not None else 1.0 for c, r in zip(counts_oi, specs))
+        layer = lt.layer / max(1, self.n_layers - 1)
+        role = lt.role / max(1, self.n_roles - 1)
+        const = torch.tensor([layer, w_out, w_in, role], dtype=torch.float32).expand(n, 4)
+        block = torch.cat([const[:, :1], oo.reshape(n, 1), ii.reshape(n, 1), const[:, 1:]], 1)  # (n, 6)
+        fi = lt.fan_in
+        fan = fi.size / dplans[lt.rows.index(fi)].count if fi is not None else 1.0
+        return block, noise.contiguous(), dplans, (c_out, c_in), fan
 
     def grid(self, k: int, tensor: torch.Tensor) -> torch.Tensor:
         """A base tensor as its ``(C_out, C_in, trailing)`` grid (the INR's residual base)."""
