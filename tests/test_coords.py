@@ -374,3 +374,21 @@ def test_wide_convolutions_are_factored_above_factor_above():
     assert net[2].weight.shape == (32, 40, 3, 3) and net(x).shape == (1, 10, 8, 8)
     full = manifold.sample(1.0)
     assert torch.allclose(full(x), model(x), atol=1e-5)
+
+
+def test_tables_from_cached_blocks_equal_fresh_ones(lenet_plan, monkeypatch):
+    import morphkit.coords as coords
+    from morphkit.train import draw_widths
+
+    _, cliques, _, layouts, _ = lenet_plan
+    monkeypatch.setattr(coords, "BLOCK_CACHE_FLOATS", 20_000)  # small: blocks are evicted along the way
+    warm = CoordBuilder(layouts, cliques, factored=[lt.name == "fc2.weight" for lt in layouts], cache_size=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):  # unequal per-clique maps, as training draws them
+        counts = draw_widths(cliques, 0.0, 0.75, False, g, spread=0.2)
+        a = warm.table(counts)
+        b = CoordBuilder(layouts, cliques, factored=warm.factored).table(counts)
+        assert torch.equal(a.coords, b.coords) and torch.equal(a.noise, b.noise)
+        assert a.segments == b.segments and a.cells == b.cells and a.fan_in == b.fan_in
+        assert [[p.count for p in ps] for ps in a.plans] == [[p.count for p in ps] for ps in b.plans]
+    assert 0 < warm._block_floats <= 20_000  # the bound held
