@@ -198,8 +198,8 @@ def light_copy_with(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Mo
     Every module is a new object with its own ``__dict__``, parameter, buffer
     and child dicts (so size attributes can be set on it), but other
     attributes (ints, tuples, hooks, functions) and the tensors not in
-    ``tensors`` are the original's objects, not copies: ~1 ms for a model where ``copy.deepcopy`` takes ~100 ms. Use
-    it for structures that live inside morphkit (training's per-width-map
+    ``tensors`` are the original's objects, not copies: 4.5 ms for timm
+    mobilenetv3_small_100, where :func:`copy_with` took 22 ms. Use it for structures that live inside morphkit (training's per-width-map
     templates, which ``functional_call`` fills) and deep-copy anything handed
     to a user. A model holding a tensor or module outside those dicts (a
     tied weight kept as a plain attribute) gets :func:`copy_with` instead,

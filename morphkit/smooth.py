@@ -335,8 +335,9 @@ def _feature_subset(x: torch.Tensor, seed: int) -> torch.Tensor | None:
     A distance matrix costs ``n^2 / 2 * F`` terms: 1.1e11 for a 4096-channel
     fully connected clique of alexnet (14 s on one core). Above
     ``MAX_DISTANCE_TERMS`` the distances are estimated on a seeded random
-    subset of the columns (scaled sums of ``|a - b|`` over independent
-    columns: the estimate's relative error shrinks as ``1/sqrt(columns)``);
+    subset of the columns (sums of ``|a - b|`` over the sampled columns: a
+    common scale the path search ignores, with a relative error that shrinks
+    as ``1/sqrt(columns)``);
     :func:`smooth` still judges the found path against the identity on every
     column, so it never keeps a worse order.
     """
