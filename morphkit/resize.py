@@ -234,9 +234,16 @@ def _fix_module(name: str, m: nn.Module, tensorless: dict[str, int]) -> None:
 
 
 def _fix_attention(m: nn.Module) -> None:
-    """timm-style attention: ``head_dim``, ``attn_dim`` and ``scale`` from the projections' shapes."""
+    """Attention keeps its head count: the head size (and scale) follow the projections' new shapes.
+
+    timm-style fused ``qkv``: ``head_dim``, ``attn_dim`` and ``scale``. Separate
+    q/k/v projections (Hugging Face and the like, :func:`~morphkit.graph.head_attention`):
+    the head-size attribute the forward reshapes with, ``all_head_size`` and
+    ``scaling`` / ``scale`` when it was ``head_size ** -0.5``.
+    """
     qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
     if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 0):
+        _fix_head_attention(m)
         return
     a = proj.in_features
     if a % heads or qkv.out_features != 3 * a:
@@ -250,3 +257,25 @@ def _fix_attention(m: nn.Module) -> None:
         m.head_dim = hd
     if isinstance(getattr(m, "attn_dim", None), int):
         m.attn_dim = a
+
+
+def _fix_head_attention(m: nn.Module) -> None:
+    """Separate q/k/v projections: update the head size the forward reshapes with (head count kept)."""
+    from morphkit.graph import HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS, QKV_NAMES, head_attention
+
+    q = next((getattr(m, names[0]) for names in QKV_NAMES if isinstance(getattr(m, names[0], None), nn.Linear)), None)
+    if q is None or head_attention(m) is not None:
+        return  # not this kind of attention, or its head size already matches the projections
+    heads = next((getattr(src, a) for src in (m, getattr(m, "config", None)) for a in HEAD_COUNT_ATTRS
+                  if isinstance(getattr(src, a, None), int)), None)
+    attr = next((a for a in HEAD_SIZE_ATTRS if isinstance(getattr(m, a, None), int)), None)
+    if not heads or attr is None or q.out_features % heads:
+        return
+    old_hd, hd = getattr(m, attr), q.out_features // heads
+    setattr(m, attr, hd)
+    if isinstance(getattr(m, "all_head_size", None), int):
+        m.all_head_size = q.out_features
+    for name in ("scaling", "scale"):
+        value = getattr(m, name, None)
+        if isinstance(value, float) and math.isclose(value, old_hd ** -0.5, rel_tol=1e-6):
+            setattr(m, name, hd ** -0.5)

@@ -104,6 +104,16 @@ class _Bound(nn.Module):
         return self.last_output
 
 
+def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers outside the state dict (``persistent=False``, e.g. Hugging Face's ``position_ids``).
+
+    ``functional_call(strict=True)`` wants a tensor for every buffer; these are
+    not predicted or resized, so the template's own are passed.
+    """
+    keys = set(model.state_dict())
+    return {n: b for n, b in model.named_buffers() if n not in keys}
+
+
 def kept_batch_norms(model: nn.Module) -> list[nn.Module]:
     """The BatchNorms of a (template) model that fusion did not fold: they normalise per width."""
     from morphkit.manifold import bn_modules_to_calibrate
@@ -595,8 +605,8 @@ def morph(
             plan = plan_cache.pop(key, None)
             if plan is None:
                 template = manifold.template(counts)
-                plan = _WidthPlan(counts, builder.table(counts), template,
-                                  {n: t.to(dev) for n, t in manifold.static_tensors(counts).items()},
+                static = {**_non_persistent_buffers(template), **manifold.static_tensors(counts)}
+                plan = _WidthPlan(counts, builder.table(counts), template, {n: t.to(dev) for n, t in static.items()},
                                   kept_batch_norms(template) if not fused else [])
             plan_cache[key] = plan
             while len(plan_cache) > PLAN_CACHE:

@@ -1,0 +1,177 @@
+"""Attention is permuted and resized within heads, and the self-check catches a cross-head permutation.
+
+A hand-written attention with separate q/k/v projections (the Hugging Face
+layout) runs anywhere; Hugging Face BERT, ViT and DistilBERT run where
+``transformers`` is installed (the ``dev`` extra).
+"""
+
+import dataclasses
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import morphkit as mk
+from morphkit.graph import find_cliques, head_attention, validate_cliques
+
+
+class SepAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v projections, reshaped with ``head_dim``."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.scaling = self.head_dim ** -0.5
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        shape = (b, t, -1, self.head_dim)
+        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        att = torch.softmax(q @ k.transpose(-1, -2) * self.scaling, dim=-1)  # (b, heads, t, t)
+        return self.o_proj((att @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.attn = SepAttention()
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 6)
+        h = self.embed(x)
+        h = self.norm(h + self.attn(h))
+        return self.head(h.mean(1))
+
+
+def _qkv_clique(cliques):
+    return next(c for c in cliques if any(m.name == "attn.q_proj.weight" and m.dim == 0 for m in c.members))
+
+
+def test_separate_qkv_cliques_permute_within_heads():
+    model, x = TinyEncoder().eval(), torch.randn(2, 5, 6)
+    assert head_attention(model.attn).head_size == 4
+    c = _qkv_clique(find_cliques(model, x))
+    assert not c.fixed and c.block == 4 and c.size == 16
+    names = {m.name for m in c.members}
+    assert {"attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.o_proj.weight"} <= names
+
+
+def test_self_check_rejects_a_cross_head_permutation():
+    """The clique as it was before heads were known (free permutation) fails the check."""
+    model, x = TinyEncoder().eval(), torch.randn(2, 5, 6)
+    cliques = find_cliques(model, x)
+    free = [dataclasses.replace(c, block=1) if c is _qkv_clique(cliques) else c for c in cliques]
+    bad = validate_cliques(model, x, free, resize=False)
+    assert _qkv_clique(cliques).id in bad
+    assert validate_cliques(model, x, cliques, resize=False) == {}
+
+
+def test_self_check_is_tight_on_nearly_uniform_attention():
+    """Tiny q/k weights make attention nearly uniform (a cross-head permutation then moves the
+    output by ~1e-6): the float64 check with sharpened attention still catches it."""
+    model, x = TinyEncoder().eval(), torch.randn(2, 5, 6)
+    with torch.no_grad():
+        model.attn.q_proj.weight.mul_(1e-3)
+        model.attn.k_proj.weight.mul_(1e-3)
+    cliques = find_cliques(model, x)
+    free = [dataclasses.replace(c, block=1) if c is _qkv_clique(cliques) else c for c in cliques]
+    assert _qkv_clique(cliques).id in validate_cliques(model, x, free, resize=False)
+
+
+def test_smoothing_keeps_sharp_attention_exact():
+    model, x = TinyEncoder().eval(), torch.randn(2, 5, 6)
+    with torch.no_grad():  # sharp attention: logits of several units
+        model.attn.q_proj.weight.mul_(4)
+        model.attn.k_proj.weight.mul_(4)
+    smooth = importlib.import_module("morphkit.smooth").smooth
+    smoothed, perms = smooth(model, x)
+    ref, out = model.double()(x.double()), smoothed.double()(x.double())
+    assert (ref - out).abs().max() <= 1e-9 * ref.abs().max()
+
+
+def test_resize_keeps_the_head_count_and_shrinks_the_head_size():
+    model, x = TinyEncoder().eval(), torch.randn(2, 5, 6)
+    small = mk.resize(model, x, 0.5)
+    a = small.attn
+    assert (a.num_heads, a.head_dim, a.q_proj.out_features) == (4, 2, 8)
+    assert a.scaling == pytest.approx(2 ** -0.5)
+    assert (model.attn.num_heads, model.attn.head_dim) == (4, 4)  # the caller's model untouched
+    assert small(x).shape == (2, 3)
+
+
+# --------------------------------------------------------------------------- #
+# Hugging Face transformers                                                    #
+# --------------------------------------------------------------------------- #
+
+def _bert(num_labels: int = 3):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=16, num_labels=num_labels)
+    return tf.BertForSequenceClassification(cfg).eval()
+
+
+def test_bert_attention_is_blocked_by_heads_and_resizes_within_them():
+    model, ids = _bert(), torch.randint(0, 100, (2, 8))
+    cliques = find_cliques(model, (ids,))
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    q = next(c for c in cliques if any(m.name == key and m.dim == 0 for m in c.members))
+    assert not q.fixed and q.block == 8
+    small = mk.resize(model, (ids,), 0.5, cliques=cliques)
+    a = small.bert.encoder.layer[0].attention.self
+    assert (a.num_attention_heads, a.attention_head_size, a.all_head_size) == (4, 4, 16)
+    assert a.scaling == pytest.approx(0.5)
+    assert small(ids).logits.shape == (2, 3)
+
+
+def test_bert_morphs_samples_and_round_trips(tmp_path):
+    model, ids = _bert(), torch.randint(0, 100, (4, 8))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 100, (4, 8), generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return F.cross_entropy(m(x).logits, y)
+
+    cfg = mk.MorphConfig()
+    cfg.train.steps = 3
+    manifold = mk.morph(model, data, example_inputs=(ids,), config=cfg, loss_fn=loss_fn, progress=False)
+    small = manifold.sample(0.5)
+    assert small.bert.encoder.layer[1].attention.self.attention_head_size == 4
+    path = os.fspath(tmp_path / "bert.morph.safetensors")
+    manifold.save(path)
+    again = mk.Manifold.load(path, base=model).sample(0.5)
+    torch.testing.assert_close(again(ids).logits, small(ids).logits)
+    mk.save_model(small, tmp_path / "small.safetensors")
+    loaded = mk.load_model(tmp_path / "small.safetensors", base=model)
+    torch.testing.assert_close(loaded(ids).logits, small(ids).logits)
+
+
+@pytest.mark.parametrize("which", ["vit", "distilbert"])
+def test_hf_encoders_resize_within_heads(which):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if which == "vit":
+        model = tf.ViTForImageClassification(tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                                          num_hidden_layers=2, num_attention_heads=4,
+                                                          intermediate_size=64, num_labels=5)).eval()
+        x = torch.randn(2, 3, 32, 32)
+    else:
+        model = tf.DistilBertModel(tf.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4,
+                                                       hidden_dim=64, max_position_embeddings=32)).eval()
+        x = torch.randint(0, 100, (2, 8))
+    cliques = find_cliques(model, (x,))
+    heads = [c for c in cliques if not c.fixed and c.block == 8]
+    assert len(heads) == 2  # one per layer, 4 heads of 8
+    small = mk.resize(model, (x,), 0.5, cliques=cliques)
+    attns = [m for m in small.modules() if head_attention(m) is not None]
+    assert attns and all(head_attention(m).heads == 4 and head_attention(m).head_size == 4 for m in attns)
+    out = small(x)
+    assert torch.isfinite(out[0]).all()
