@@ -246,3 +246,26 @@ def test_light_copy_shares_attributes_but_not_structure():
     deep = light_copy_with(model2, {})
     assert deep[0].cache[0] is deep[0].weight and deep[0].weight is not model2[0].weight
     assert copy_with(model2, {})[0].cache[0] is not model2[0].weight
+
+
+def test_fast_group_merge_and_built_mappings_give_the_same_cliques(monkeypatch):
+    """The linear-time ``add_and_merge`` and the skipped index-mapping rebuilds change no clique."""
+    import contextlib
+
+    import morphkit.graph as graph
+
+    timm = pytest.importorskip("timm")
+    for model, x in ((CatNet().eval(), torch.randn(1, 3, 16, 16)),
+                     (timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8).eval(),
+                      torch.randn(1, 3, 32, 32))):
+        fast = graph.find_cliques(model, x, check=False)
+        with monkeypatch.context() as m:
+            m.setattr(graph, "_fast_merge", contextlib.nullcontext)
+            m.setattr(graph, "_mappings_built", contextlib.nullcontext)
+            plain = graph.find_cliques(model, x, check=False)
+
+        def sig(cs):
+            return [(c.size, c.fixed, c.reason, c.block, c.tied, [(mb.name, mb.dim, mb.index) for mb in c.members])
+                    for c in cs]
+
+        assert sig(fast) == sig(plain) and any(not c.fixed for c in fast)
