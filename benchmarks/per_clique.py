@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import DATA, RESULTS, machine, write
+from _common import DATA, machine, write
 
 import morphkit as mk
 from morphkit.data import load_data, make_loaders

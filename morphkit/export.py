@@ -22,6 +22,7 @@ from torch import nn
 
 from morphkit import __version__
 from morphkit._io import read_tensors, write_tensors
+from morphkit.clique import Clique
 from morphkit.errors import CheckpointError, ConfigError, MorphkitError
 from morphkit.formats import MODEL_FORMAT, format_tag
 from morphkit.models import _constructor, arch_of, build_from_arch
@@ -64,12 +65,14 @@ def save_model(model: nn.Module, path: str | Path, **metadata: Any) -> None:
     """
     state = model.state_dict()
     widths = getattr(model, "morphkit_widths", None)
+    recorded = recorded_cliques(getattr(model, "morphkit_cliques", None), widths)
     meta = {
         "format": format_tag(MODEL_FORMAT),
         "morphkit_version": __version__,
         "arch": arch_of(model),
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "widths": None if widths is None else {str(k): int(v) for k, v in widths.items()},
+        "cliques": None if recorded is None else [c.to_json() for c in recorded],
         "fused_bn": bool(getattr(model, "morphkit_fused_bn", False)),
         "inputs": getattr(model, "morphkit_inputs", None),
         "shapes": {k: list(v.shape) for k, v in state.items()},
@@ -78,6 +81,22 @@ def save_model(model: nn.Module, path: str | Path, **metadata: Any) -> None:
     }
     write_tensors(dict(state), meta, path)
     logger.info("wrote %s (%d params)", path, meta["params"])
+
+
+def recorded_cliques(cliques: Any, widths: dict[int, int] | None) -> list[Clique] | None:
+    """The cliques a resized model's file records: those whose width changed and those sharing a
+    tensor dim with one of them (a concatenation's other parts); None when there are none.
+
+    With them :func:`load_model` resizes the base without tracing it again
+    (timm resnest14d: 10 s of tracing).
+    """
+    if not widths or not isinstance(cliques, (list, tuple)) or not all(isinstance(c, Clique) for c in cliques):
+        return None
+    changed = [c for c in cliques if widths.get(c.id, c.size) != c.size]
+    dims = {(m.name, m.dim) for c in changed for m in c.members}
+    keep = [c for c in cliques if any(widths.get(c.id, c.size) != c.size or (m.name, m.dim) in dims
+                                      for m in c.members)]
+    return keep or None
 
 
 def model_info(path: str | Path) -> dict[str, Any]:
@@ -184,11 +203,16 @@ def load_model(path: str | Path, base: nn.Module | None = None) -> nn.Module:
         from morphkit.graph import find_cliques
         from morphkit.resize import resize
 
+        cliques = _file_cliques(meta, model, path)
         try:
             inputs = _example_inputs(model, meta, path)
             # no validation passes: the recorded width map already says which cliques changed, and
             # _load_strict checks every resulting shape against the file
-            model = resize(model, inputs, widths, cliques=find_cliques(model, inputs, check=False))
+            if cliques is None:
+                model = resize(model, inputs, widths, cliques=find_cliques(model, inputs, check=False))
+            else:
+                ids = {c.id for c in cliques}
+                model = resize(model, inputs, {k: v for k, v in widths.items() if k in ids}, cliques=cliques)
         except MorphkitError as e:
             raise CheckpointError(f"{str(path)!r}: cannot resize its architecture to the recorded width map "
                                   f"{widths}: {e}; is it a file for another model? pass the matching base=") from e
@@ -196,6 +220,21 @@ def load_model(path: str | Path, base: nn.Module | None = None) -> nn.Module:
     if widths:
         model.morphkit_widths = widths
     return model.eval()
+
+
+def _file_cliques(meta: dict[str, Any], model: nn.Module, path: str | Path) -> list[Clique] | None:
+    """The cliques the file records (checked against the base's tensors), or None (trace them)."""
+    from morphkit.untrusted import check_structure
+
+    if not meta.get("cliques"):
+        return None
+    cliques = [Clique.from_json(c) for c in meta["cliques"]]  # shape-checked by check_model_meta
+    try:
+        check_structure(cliques, [], {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    except ValueError as e:
+        raise CheckpointError(f"{str(path)!r}: its recorded cliques do not fit the base model ({e}); is it a file "
+                              "for another model? pass the matching base=") from e
+    return cliques
 
 
 def _example_inputs(model: nn.Module, meta: dict[str, Any], path: str | Path) -> Any:

@@ -408,6 +408,7 @@ class Manifold:
                 calib_batches = len(calib_data)
         net.morphkit_arch = copy.deepcopy(self.arch)
         net.morphkit_widths = dict(counts)
+        net.morphkit_cliques = self.cliques
         net.morphkit_fused_bn = self.fused_bn
         if calib_data is not None:
             recalibrate_bn(net, calib_data, calib_batches)

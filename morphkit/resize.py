@@ -120,7 +120,8 @@ def resize(model: nn.Module, example_inputs: Any, width: float | dict[int, int],
 
     Returns:
         A new module of the same classes, with ``morphkit_widths`` =
-        ``{clique_id: channels}`` for every clique, ``morphkit_inputs`` =
+        ``{clique_id: channels}`` for every clique, ``morphkit_cliques``
+        (the cliques, recorded by ``save_model``), ``morphkit_inputs`` =
         ``{"shapes": [...], "dtypes": [...]}`` of the example inputs, and
         ``morphkit_arch`` copied from the model.
 
@@ -145,6 +146,7 @@ def resize(model: nn.Module, example_inputs: Any, width: float | dict[int, int],
     widths = width_map(cliques, width, round_to)
     new = _resize_unchecked(model, cliques, widths, light=light)
     new.morphkit_widths = dict(widths)
+    new.morphkit_cliques = cliques  # save_model records the changed ones: load_model then needs no trace
     new.morphkit_inputs = input_spec(example_inputs)
     if check:
         try:

@@ -340,6 +340,18 @@ def check_model_meta(meta: dict[str, Any], path: str | Path) -> None:
     if widths is not None and not (isinstance(widths, dict) and all(
             _is_int_key(k) and _is_int(v, 1) and v <= MAX_MODEL_ELEMENTS for k, v in widths.items())):
         raise bad("widths", "null or {clique_id: channels >= 1}")
+    if meta.get("cliques") is not None:
+        from morphkit.clique import Clique
+
+        recorded = meta["cliques"]
+        try:
+            _need(isinstance(recorded, list), "cliques", recorded, "a list")
+            parsed = [Clique.from_json(c) for c in recorded]
+        except (ConfigError, ValueError, TypeError) as e:
+            raise bad("cliques", f"null or a list of cliques ({e})") from e
+        ids = [c.id for c in parsed]
+        if len(set(ids)) != len(ids) or not widths or any(str(i) not in widths for i in ids):
+            raise bad("cliques", "cliques with unique ids, each in the width map")
     if meta.get("inputs") is not None:
         from morphkit.resize import check_input_spec
 

@@ -299,8 +299,8 @@ def test_file_from_another_model(files):
     with refused(CheckpointError, "does not fit the model it describes", "missing keys", "another model",
                  watch=files, modules=(mlp,)):
         mk.load_model(files / "base.safetensors", base=mlp)
-    with refused(CheckpointError, "cannot resize its architecture to the recorded width map",
-                 "clique 0 is fixed", watch=files, modules=(resnet,)):
+    with refused(CheckpointError, "its recorded cliques do not fit the base model", "pass the matching base=",
+                 watch=files, modules=(resnet,)):
         mk.load_model(files / "model.safetensors", base=resnet)
     other = mk.build_model("lenet5?num_classes=5")
     with refused(CheckpointError, "manifold for another model", "fc3.weight", "pass the matching base=",

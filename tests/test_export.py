@@ -100,6 +100,40 @@ def test_resized_custom_model_loads_back_with_its_base(tmp_path):
             mk.load_model(q, base=_TwoLayer())
 
 
+def test_resized_model_file_records_its_cliques_and_loads_without_tracing(tmp_path, monkeypatch):
+    """load_model resizes the base with the file's cliques: no find_cliques (resnest14d traces in 10 s)."""
+    import morphkit.graph as graph
+
+    x = torch.randn(2, 3, 10, 10)
+    small = mk.resize(_TwoLayer(), x, 0.5)
+    p = tmp_path / "small.safetensors"
+    mk.save_model(small, p)
+    recorded = mk.model_info(p)["cliques"]
+    assert recorded and all(small.morphkit_widths[c["id"]] != c["size"] for c in recorded)
+
+    tensors, meta = read_tensors(p)
+    old = tmp_path / "old.safetensors"  # a file from before cliques were recorded: traced instead
+    old.write_bytes(rewrite(tensors, {k: v for k, v in meta.items() if k != "cliques"}))
+    with torch.no_grad():
+        assert torch.equal(mk.load_model(old, base=_TwoLayer())(x), small(x))
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("load_model traced the model")
+
+    monkeypatch.setattr(graph, "find_cliques", no_trace)
+    back = mk.load_model(p, base=_TwoLayer())
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+    member = dict(recorded[0]["members"][0], name="nope.weight")
+    lying = [dict(recorded[0], members=[member])]
+    for bad, match in ((lying, "recorded cliques do not fit"), ("x", "'cliques'"),
+                       ([dict(recorded[0], id=999)], "'cliques'"), ([{"id": -1}], "'cliques'")):
+        q = tmp_path / "bad.safetensors"
+        q.write_bytes(rewrite(tensors, dict(meta, cliques=bad)))
+        with pytest.raises(CheckpointError, match=match):
+            mk.load_model(q, base=_TwoLayer())
+
+
 def test_missing_empty_truncated_corrupt(tmp_path):
     p = tmp_path / "m.safetensors"
     with pytest.raises(CheckpointError, match="does not exist"):
