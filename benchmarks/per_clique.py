@@ -69,7 +69,11 @@ def trained_maps(tc: mk.TrainConfig) -> str:
     if tc.per_clique:
         return "an independent width per clique"
     if tc.clique_spread > 0:
-        return f"per-clique offsets U(-{tc.clique_spread:g}, {tc.clique_spread:g}) around each drawn width"
+        spread = f"per-clique offsets U(-{tc.clique_spread:g}, {tc.clique_spread:g}) around each drawn width"
+        if tc.clique_floor() < 1 - tc.compression[1]:
+            spread += (f" and, in half of the steps, around the narrowest one, single cliques down to width "
+                       f"{tc.clique_floor():g}")
+        return spread
     return "uniform width maps"
 
 
@@ -149,7 +153,10 @@ def main() -> None:
                   f"{100 * (gr['stdev'] or 0):.2f} | {100 * gr['min']:.2f}% | {100 * gr['max']:.2f}% | "
                   f"{len(gr['maps'])} | {100 * (gr['mean'] - gr['uniform_accuracy']):+.2f} | "
                   f"{gr['lowest_width']:.3g} | {below:.1f} |")
-    md += ["", f"Trained range: compression up to {hi:g}; a clique narrower than that is extrapolated by the INR."]
+    floor = manifold.config.train.clique_floor()
+    md += ["", f"Trained range: compression up to {hi:g}" + (
+        f"; single cliques down to width {floor:g} in maps of about the narrowest size" if floor < 1 - hi else "")
+        + "; a clique narrower than that (`Manifold.untrained`) is extrapolated by the INR."]
     write(name, result, "\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -188,6 +188,9 @@ def _macs(model, x) -> int | None:
 
 
 def _fmt_metrics(m: dict[str, float]) -> str:
+    if "miou" in m:
+        return (f"mIoU {100 * m['miou']:.2f}%  pixel accuracy {100 * m['accuracy']:.2f}%  loss {m['loss']:.4f}  "
+                f"(n={int(m['n'])})")
     if "accuracy" in m:
         return f"accuracy {100 * m['accuracy']:.2f}%  loss {m['loss']:.4f}  (n={int(m['n'])})"
     return f"recon MSE {m['mse']:.2f}  NLL {m['nll']:.2f}  (n={int(m['n'])})"
@@ -195,7 +198,7 @@ def _fmt_metrics(m: dict[str, float]) -> str:
 
 @main.command()
 @click.argument("model")
-@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
+@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR, mnistseg:DIR (segmentation) or embedded.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the model's recipe).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None)
@@ -243,7 +246,7 @@ def train(model: str, data_spec: str, epochs: int | None, batch_size: int, optim
 
 @main.command("eval")
 @click.argument("file", type=click.Path())
-@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
+@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR, mnistseg:DIR (segmentation) or embedded.")
 @click.option("--width", type=float, default=None, help="Width to sample (manifold files only).")
 @click.option("--samples", type=click.IntRange(1, MAX_SAMPLES), default=None,
               help="K noisy draws averaged (manifold files only).")
@@ -360,7 +363,7 @@ def _user_lines(user: Any) -> list[tuple[str, str] | str]:
         if v is None:
             continue
         if k == "search" and isinstance(v, dict):
-            def pct(x: Any, acc: bool = v.get("metric") == "accuracy") -> str:
+            def pct(x: Any, acc: bool = v.get("metric") in ("accuracy", "miou")) -> str:
                 return f"{100 * x:.2f}%" if acc and isinstance(x, (int, float)) else _value(x)
 
             uni = v.get("uniform") if isinstance(v.get("uniform"), dict) else {}
@@ -427,6 +430,10 @@ def _manifold_lines(file: str) -> list[tuple[str, str] | str]:
         ("trained", f"compression {lo:.0%} to {hi:.0%} (width {1 - hi:.2f} to {1 - lo:.2f}); narrower widths are "
                     "extrapolated (a warning says so)"),
     ]
+    floor = m.config.train.clique_floor()
+    if floor < 1 - hi:
+        lines.append(("per clique", f"single cliques down to width {floor:.2f} in maps of about the narrowest size "
+                                    "(offsets U(-{0:g}, {0:g}))".format(m.config.train.clique_spread)))
     if info.get("steps"):
         lines.append(("training", f"{info['steps']:,} steps in {_value(info.get('seconds'))} s"))
     final = info.get("final") or {}
@@ -492,7 +499,7 @@ def cliques(model: str, input_shape: str | None) -> None:
 
 @main.command("morph")
 @click.argument("model")
-@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
+@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR, mnistseg:DIR (segmentation) or embedded.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs over the data (default: the config's, 10).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Total steps (overrides --epochs).")
@@ -836,7 +843,7 @@ def demo(epochs: int, steps: int, progress: bool) -> None:
 
 @main.command("compare")
 @click.argument("manifold_file", type=click.Path())
-@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR or embedded.")
+@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR, mnistseg:DIR (segmentation) or embedded.")
 @click.option("--methods", default="neumeta,l1,l2,taylor,hessian,random", show_default=True,
               help="Comma-separated: neumeta, l1, l2, taylor, hessian, random, individual, slimmable, searched "
                    "(the best per-clique widths within each uniform model's parameter count).")

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from morphkit._io import atomic_write_bytes
 from morphkit.baselines import METHODS as PRUNE_METHODS
 from morphkit.errors import CheckpointError, ConfigError
+from morphkit.fit import HIGHER_IS_BETTER as _HIGHER
 
 __all__ = ["compare", "write_report", "count_macs", "COMPARE_METHODS"]
 
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 #: Every method :func:`compare` knows.
 COMPARE_METHODS: tuple[str, ...] = ("neumeta", *PRUNE_METHODS, "individual", "slimmable", "searched")
 #: Higher is better for these metrics; lower for the others (VAE: ``mse``, ``nll``).
-HIGHER_IS_BETTER = {"accuracy"}
+HIGHER_IS_BETTER = _HIGHER  # accuracy and mean IoU; lower is better for the VAE's mse and nll
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int | None:
@@ -161,7 +162,8 @@ def compare(
         One row per (method, compression): ``method``, ``label`` (method plus
         fine-tuning), ``compression``, ``width``, ``trained`` (compression
         within the manifold's training range; None for a plain model),
-        ``finetune_epochs``, ``metric`` (``accuracy`` or ``mse``), ``value``,
+        ``finetune_epochs``, ``metric`` (``accuracy``, ``miou`` for
+        segmentation or ``mse``), ``value``,
         every metric of :func:`~morphkit.fit.evaluate`, ``params``, ``macs``,
         ``seconds`` (time to produce the model).
 
@@ -175,10 +177,10 @@ def compare(
     """
     from morphkit.baselines import _check_int, prune, train_individual, train_slimmable
     from morphkit.export import count_params
-    from morphkit.fit import evaluate, show_progress
+    from morphkit.fit import METRIC_OF_TASK, evaluate, show_progress, task_for
     from morphkit.graph import as_inputs, find_cliques
     from morphkit.manifold import UNSEEN_MODES, Manifold
-    from morphkit.models import arch_of, example_inputs_for, task_of
+    from morphkit.models import arch_of, example_inputs_for
 
     methods = _parse_methods(methods)
     comps = _parse_compressions(compressions)
@@ -218,8 +220,8 @@ def compare(
         lo = hi = math.nan  # no manifold: no training range
         arch = arch_of(model)
         source, source_name = model, "model"
-    task = task_of(source if source is not None else manifold.base)  # type: ignore[union-attr]
-    metric = "accuracy" if task == "classification" else "mse"
+    task = task_for(source if source is not None else manifold.base, data)  # type: ignore[union-attr]
+    metric = METRIC_OF_TASK[task]
     calib = train_data if train_data is not None else data
     score_data = train_data if train_data is not None else data
     if train_data is None and any(m in ("taylor", "hessian") for m in methods):
@@ -305,7 +307,7 @@ def compare(
 def _fmt_value(metric: str, v: float | None) -> str:
     if v is None:
         return "-"
-    return f"{100 * v:.2f}" if metric == "accuracy" else f"{v:.2f}"
+    return f"{100 * v:.2f}" if metric in HIGHER_IS_BETTER else f"{v:.2f}"
 
 
 def _fmt_count(n: int | None) -> str:
@@ -323,7 +325,7 @@ def _markdown(rows: list[dict[str, Any]], title: str, meta: dict[str, Any] | Non
     metric = rows[0]["metric"]
     trained = {g: all(r["trained"] is not False for r in rows if r["compression"] == g) for g in comps}
     by = {(r["label"], r["compression"]): r for r in rows}
-    unit = " (%)" if metric == "accuracy" else ""
+    unit = " (%)" if metric in HIGHER_IS_BETTER else ""
     lines = [f"# {title}", ""]
     if meta:
         for k, v in meta.items():
@@ -385,7 +387,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
         logger.warning("matplotlib is not installed: skipping %s (pip install 'morphkit[plot]')", path.name)
         return False
     metric = rows[0]["metric"]
-    scale = 100.0 if metric == "accuracy" else 1.0
+    scale = 100.0 if metric in HIGHER_IS_BETTER else 1.0
     comps = sorted({r["compression"] for r in rows})
     untrained = [g for g in comps if any(r["trained"] is False for r in rows if r["compression"] == g)]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.5, 4.4), dpi=120)
@@ -409,7 +411,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
         ax.axvspan(100 * (trained_max + min(untrained)) / 2, 100 * max(comps) + 5, color="0.9", zorder=0)
         ax.text(100 * max(comps) + 4, ax.get_ylim()[1], "untrained\nwidths ", ha="right", va="top",
                 fontsize=8, color="0.35")
-    ylabel = f"{metric} (%)" if metric == "accuracy" else metric
+    ylabel = f"{metric} (%)" if metric in HIGHER_IS_BETTER else metric
     ax.set_xlabel("compression (%)")
     ax.set_ylabel(ylabel)
     ax.set_xticks([100 * g for g in comps])

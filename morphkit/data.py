@@ -89,7 +89,8 @@ CIFAR10_CLASSES: tuple[str, ...] = (
 MNIST_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 _MNIST_NORM = (MNIST_MEAN, MNIST_STD)
 
-SCHEMES = ("mnist:DIR", "mnist:embedded", "embedded", "cifar10:PATH", "imagefolder:DIR")
+SCHEMES = ("mnist:DIR", "mnist:embedded", "embedded", "mnistseg:DIR", "mnistseg:embedded", "cifar10:PATH",
+           "imagefolder:DIR")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 EMBEDDED_RESOURCE = "_data/mnist_subset.npz"
 
@@ -121,7 +122,8 @@ class ImageData:
 
     Attributes:
         images: ``(N, C, H, W)`` uint8 pixels.
-        labels: ``(N,)`` int64 class indices into ``classes``.
+        labels: ``(N,)`` int64 class indices into ``classes``, or ``(N, H, W)``
+            per-pixel class indices (segmentation, :mod:`morphkit.segdata`).
         classes: class names, index = label.
         mean: per-channel mean of the pixels scaled to [0, 1], for normalisation.
         std: per-channel standard deviation, same scale.
@@ -146,9 +148,10 @@ class ImageData:
             raise ConfigError(f"ImageData.images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
         if not isinstance(self.labels, torch.Tensor) or self.labels.dtype != torch.int64:
             raise ConfigError(f"ImageData.labels must be an int64 tensor, got {_describe(self.labels)}")
-        if self.labels.shape != (self.images.shape[0],):
+        n, _, h, w = self.images.shape
+        if tuple(self.labels.shape) not in ((n,), (n, h, w)):
             raise ConfigError(
-                f"ImageData.labels must be ({self.images.shape[0]},) to match the images, "
+                f"ImageData.labels must be ({n},) or, per pixel, ({n}, {h}, {w}) to match the images, "
                 f"got {tuple(self.labels.shape)}"
             )
         channels = self.images.shape[1]
@@ -171,6 +174,11 @@ class ImageData:
         """``(C, H, W)`` of one image."""
         _, c, h, w = self.images.shape
         return (int(c), int(h), int(w))
+
+    @property
+    def per_pixel(self) -> bool:
+        """True when the labels are per-pixel class maps (segmentation)."""
+        return self.labels.dim() == 3
 
     @property
     def num_classes(self) -> int:
@@ -268,7 +276,8 @@ class Loader:
     """An iterable of ``(x, y)`` batches cut from an :class:`ImageData` with tensor ops.
 
     ``x`` is float32 ``(B, C, H, W)``, normalised with the data's mean/std (or in
-    [0, 1] with ``normalize=False``); ``y`` is int64 ``(B,)``. Each pass over the
+    [0, 1] with ``normalize=False``); ``y`` is int64 ``(B,)``, or ``(B, H, W)`` for
+    per-pixel labels (cropped and flipped with the images). Each pass over the
     loader is one epoch; the shuffle order and the augmentation of epoch ``e``
     depend only on ``(seed, e)``, so two loaders with the same seed yield the same
     batches, and :meth:`set_epoch` replays any epoch.
@@ -323,7 +332,7 @@ class Loader:
         self.device = torch.device(device) if device is not None else data.images.device
         self.data = data
         self.images = data.images.to(self.device)  # (N, C, H, W) uint8
-        self.labels = data.labels.to(self.device)  # (N,) int64
+        self.labels = data.labels.to(self.device)  # (N,) or (N, H, W) int64
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -364,13 +373,16 @@ class Loader:
         for start in range(0, stop, self.batch_size):
             idx = order[start : start + self.batch_size].to(self.device)  # (B,)
             pixels = self.images[idx]  # (B, C, H, W) uint8
+            labels = self.labels[idx]  # (B,) or (B, H, W)
             if self.augment:
-                pixels = self._augment(pixels, g)
+                pixels, labels = self._augment(pixels, labels, g)
             x = pixels.float() * self._scale + self._shift  # (B, C, H, W) float32
-            yield x, self.labels[idx]
+            yield x, labels
 
-    def _augment(self, pixels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Random crop from the zero-padded batch plus horizontal flip, in one gather."""
+    def _augment(self, pixels: torch.Tensor, labels: torch.Tensor,
+                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random crop from the zero-padded batch plus horizontal flip, in one gather (per-pixel labels too,
+        padded with class 0)."""
         b, c, h, w = pixels.shape
         p = self.pad
         # random numbers are drawn on the CPU so a seed gives the same batches on any device
@@ -386,7 +398,10 @@ class Loader:
         index = index.to(pixels.device).expand(b, c, h * w)  # (B, C, H*W)
         padded = F.pad(pixels, (p, p, p, p)) if p else pixels  # (B, C, H+2p, W+2p) uint8
         out = torch.gather(padded.reshape(b, c, -1), 2, index)  # (B, C, H*W)
-        return out.view(b, c, h, w)
+        if labels.dim() == 3:
+            padded_y = F.pad(labels, (p, p, p, p)) if p else labels  # (B, H+2p, W+2p)
+            labels = torch.gather(padded_y.reshape(b, -1), 1, index[:, 0]).view(b, h, w)  # (B, H, W)
+        return out.view(b, c, h, w), labels
 
     def __repr__(self) -> str:
         return (
@@ -414,7 +429,7 @@ def make_loaders(
         splits: from :func:`load_data`.
         batch_size: train batch size (and test batch size unless ``test_batch_size``).
         augment: random crop (+ flip, except for MNIST) on the train split. ``None``
-            means on for CIFAR-10 and image folders, off for MNIST.
+            means on for CIFAR-10 and image folders, off for MNIST and mnistseg.
         seed: seed of the train loader's shuffle and augmentation.
         test_batch_size: test batch size; defaults to ``batch_size``.
         limit: use only the first ``limit`` train samples.
@@ -433,7 +448,7 @@ def make_loaders(
     """
     if not isinstance(splits, DataSplits):
         raise ConfigError(f"make_loaders needs a DataSplits from load_data(), got {_describe(splits)}")
-    is_mnist = splits.name == "mnist"
+    is_mnist = splits.name in ("mnist", "mnistseg")
     if augment is None:
         augment = not is_mnist
     pad = max(1, splits.shape[1] // 8)  # 4 for 32x32, 3 for 28x28
@@ -476,6 +491,8 @@ def load_data(
 
     Args:
         spec: ``mnist:DIR``, ``mnist:embedded`` (or just ``embedded``),
+            ``mnistseg:DIR`` / ``mnistseg:embedded`` (MNIST digits on 48x48
+            canvases with per-pixel labels, :func:`morphkit.segdata.digit_segmentation`),
             ``cifar10:PATH`` (ImageFolder directory or .tar.gz) or ``imagefolder:DIR``.
         cache: cache decoded image folders / tarballs (not needed for MNIST).
         cache_path: cache directory; default :func:`cache_dir`.
@@ -502,7 +519,7 @@ def load_data(
     scheme = scheme.lower()
     if text.lower() == "embedded" or (scheme == "mnist" and rest.strip().lower() == "embedded"):
         return load_embedded_mnist()
-    if not sep or scheme not in ("mnist", "cifar10", "imagefolder"):
+    if not sep or scheme not in ("mnist", "mnistseg", "cifar10", "imagefolder"):
         guess = ""
         if text and Path(text).expanduser().exists():
             guess = (
@@ -516,6 +533,10 @@ def load_data(
             f"data spec {text!r} names no path; expected {scheme}:PATH, e.g. one of {', '.join(SCHEMES)}"
         )
     path = Path(rest.strip()).expanduser()
+    if scheme == "mnistseg":
+        from morphkit.segdata import digit_segmentation
+
+        return digit_segmentation(load_embedded_mnist() if rest.strip().lower() == "embedded" else load_mnist(path))
     if scheme == "mnist":
         return load_mnist(path)
     if scheme == "cifar10":
@@ -998,7 +1019,7 @@ def _image_data(
 ) -> ImageData:
     return ImageData(
         torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),  # (N, C, H, W)
-        torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64)),  # (N,)
+        torch.from_numpy(np.ascontiguousarray(labels).astype(np.int64)),  # (N,) or (N, H, W)
         list(classes),
         tuple(mean),
         tuple(std),

@@ -13,7 +13,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,7 +27,7 @@ from morphkit.models import task_of, vae_loss
 
 __all__ = ["fit", "evaluate", "show_progress", "FitHistory", "default_device", "classification_loss", "default_loss",
            "to_device",
-           "split_batch", "logits_of", "check_labels",
+           "split_batch", "logits_of", "check_labels", "task_for", "mean_iou", "METRIC_OF_TASK", "HIGHER_IS_BETTER",
            "keeps_global_rng", "folded_bn_names"]
 
 logger = logging.getLogger(__name__)
@@ -150,13 +150,18 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 
 
 def logits_of(out: Any) -> torch.Tensor:
-    """The model's output as a logits tensor; dicts and tuples are refused with what they hold.
+    """The model's output as a logits tensor.
+
+    A torchvision segmentation model's ``{"out": logits, "aux": ...}`` gives its
+    ``"out"``; other dicts and tuples are refused with what they hold.
 
     Raises:
         UnsupportedModelError: the forward returned something other than a tensor.
     """
     if isinstance(out, torch.Tensor):
         return out
+    if isinstance(out, dict) and isinstance(out.get("out"), torch.Tensor):
+        return out["out"]  # torchvision segmentation models: {"out": logits, "aux": ...}
     from morphkit.errors import UnsupportedModelError
 
     if isinstance(out, dict):
@@ -384,13 +389,17 @@ def evaluate(model: nn.Module, data: Iterable, *, task: str | None = None,
     Args:
         model: The network.
         data: Iterable of ``(x, y)`` batches.
-        task: ``"classification"`` (accuracy and cross-entropy) or ``"vae"``
-            (reconstruction MSE per image, summed over pixels, and negative
-            ELBO in nats per image); default from the model.
+        task: ``"classification"`` (accuracy and cross-entropy),
+            ``"segmentation"`` (mean IoU over the classes present in the
+            labels or predictions, pixel accuracy and per-pixel cross-entropy;
+            chosen by itself when the labels are per-pixel ``(B, H, W)``) or
+            ``"vae"`` (reconstruction MSE per image, summed over pixels, and
+            negative ELBO in nats per image); default from the model.
         device: Where to run (default: where the model's parameters are).
 
     Returns:
-        ``{"accuracy", "loss", "n"}`` or ``{"mse", "nll", "n"}``.
+        ``{"accuracy", "loss", "n"}``, ``{"miou", "accuracy", "loss", "n"}``
+        (``n`` images) or ``{"mse", "nll", "n"}``.
 
     Example:
         >>> import morphkit as mk
@@ -406,7 +415,8 @@ def evaluate(model: nn.Module, data: Iterable, *, task: str | None = None,
     was_training = model.training
     model.eval()
     total = {"a": 0.0, "b": 0.0}
-    n = 0
+    n = pixels = 0
+    confusion: torch.Tensor | None = None  # (classes, classes) counts: label x prediction
     try:
         for batch in data:
             x, y = split_batch(batch)
@@ -422,8 +432,16 @@ def evaluate(model: nn.Module, data: Iterable, *, task: str | None = None,
                 out = logits_of(_forward(model, x))
                 if n == 0:
                     check_labels(y, out)
-                total["a"] += (out.argmax(1) == y).sum().item()
+                    if isinstance(y, torch.Tensor) and y.dim() == 3 and out.dim() == 4:
+                        task = "segmentation"
+                pred = out.argmax(1)  # (B,) or (B, H, W)
+                total["a"] += (pred == y).sum().item()
                 total["b"] += F.cross_entropy(out, y, reduction="sum").item()
+                pixels += y.numel()
+                if task == "segmentation":
+                    k = out.shape[1]
+                    counts = torch.bincount((y * k + pred).flatten(), minlength=k * k)  # (k * k,)
+                    confusion = counts.view(k, k).cpu() + (0 if confusion is None else confusion)
             n += x.shape[0]
     finally:
         model.train(was_training)
@@ -431,4 +449,46 @@ def evaluate(model: nn.Module, data: Iterable, *, task: str | None = None,
         raise ConfigError("evaluate: the data yielded no batches; pass a non-empty iterable of (x, y)")
     if task == "vae":
         return {"mse": total["a"] / n, "nll": total["b"] / n, "n": float(n)}
+    if task == "segmentation" and confusion is not None:
+        return {"miou": mean_iou(confusion), "accuracy": total["a"] / pixels, "loss": total["b"] / pixels,
+                "n": float(n)}
     return {"accuracy": total["a"] / n, "loss": total["b"] / n, "n": float(n)}
+
+
+#: The headline metric of each task, and those where higher is better (shown in %).
+METRIC_OF_TASK = {"classification": "accuracy", "segmentation": "miou", "vae": "mse"}
+HIGHER_IS_BETTER = frozenset({"accuracy", "miou"})
+
+
+def task_for(model: nn.Module, data: Iterable) -> str:
+    """The model's task (:func:`~morphkit.models.task_of`), ``"segmentation"`` where the data's labels are per pixel.
+
+    Example:
+        >>> task_for(mk.build_model("lenet5"), [(torch.zeros(2, 1, 28, 28), torch.zeros(2, 28, 28).long())])
+        'segmentation'
+    """
+    task = task_of(model)
+    if task == "classification" and not isinstance(data, Iterator):  # peeking would consume an iterator
+        try:
+            _, y = split_batch(next(iter(data)))
+        except (StopIteration, TypeError, ValueError, ConfigError):
+            return task
+        if isinstance(y, torch.Tensor) and y.dim() == 3 and not y.is_floating_point():
+            return "segmentation"
+    return task
+
+
+def mean_iou(confusion: torch.Tensor) -> float:
+    """Mean intersection over union from a ``(classes, classes)`` label x prediction count matrix.
+
+    Classes absent from both the labels and the predictions are left out of the mean.
+
+    Example:
+        >>> mean_iou(torch.tensor([[3, 1], [0, 2]]))  # IoU 3/4 and 2/3
+        0.7083333333333333
+    """
+    c = confusion.double()
+    inter = c.diagonal()  # (classes,)
+    union = c.sum(0) + c.sum(1) - inter  # (classes,)
+    seen = union > 0
+    return float((inter[seen] / union[seen]).mean()) if bool(seen.any()) else 0.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -203,23 +204,48 @@ class Manifold:
         return width_map(self.cliques, width, round_to)
 
     def widths(self) -> dict[int, dict[str, Any]]:
-        """Per clique: base size, fixed or not, and the channel range seen in training."""
-        lo, hi = self.config.train.compression
+        """Per clique: base size, fixed or not, and the channel range seen in training.
+
+        ``trained`` is the per-clique range (down to ``TrainConfig.clique_floor()``:
+        below the narrowest uniform width where per-clique offsets reach there);
+        ``uniform`` the narrowest channel count of the uniform maps trained.
+        """
+        hi = self.config.train.compression[1]
+        floor = self.config.train.clique_floor()
         out = {}
         for c in self.cliques:
             out[c.id] = {"size": c.size, "fixed": c.fixed,
-                         "trained": [c.channels_for(1 - hi), c.size] if not c.fixed else [c.size, c.size]}
+                         "trained": [c.channels_for(floor), c.size] if not c.fixed else [c.size, c.size],
+                         "uniform": [c.channels_for(1 - hi), c.size] if not c.fixed else [c.size, c.size]}
         return out
 
     def untrained(self, counts: WidthMap) -> list[int]:
         """Ids of the cliques narrower in ``counts`` than training ever made them (extrapolated widths).
 
+        A clique is untrained below its per-clique floor (``TrainConfig.clique_floor()``).
+        Where per-clique offsets reach below the narrowest uniform width ``w``, the
+        narrowest maps trained average ``w`` over their ``n`` resizable cliques with a
+        standard deviation of ``clique_spread / sqrt(3 n)``; a map whose mean clique
+        width is further below ``w`` than that is narrower than the maps trained, and
+        its cliques below the uniform floor count as untrained too.
+
         Example:
             >>> manifold.untrained(manifold.width_map(0.1))[:3]  # doctest: +SKIP
             [0, 1, 2]
         """
-        high = self.config.train.compression[1]
-        return [c.id for c in self.cliques if not c.fixed and counts[c.id] < c.channels_for(1 - high)]
+        floor = self._floors(counts)
+        return [c for c, n in floor.items() if counts[c] < n]
+
+    def _floors(self, counts: WidthMap) -> dict[int, int]:
+        """The narrowest trained channel count of each resizable clique, for this map (see :meth:`untrained`)."""
+        tc = self.config.train
+        low_uniform = 1 - tc.compression[1]
+        free = [c for c in self.cliques if not c.fixed]
+        if free and tc.clique_floor() < low_uniform:
+            mean = sum(counts[c.id] / c.size for c in free) / len(free)
+            if mean >= low_uniform - tc.clique_spread / math.sqrt(3 * len(free)):
+                return {c.id: c.channels_for(tc.clique_floor()) for c in free}
+        return {c.id: c.channels_for(low_uniform) for c in free}
 
     def _warn_untrained(self, counts: WidthMap) -> None:
         below = self.untrained(counts)
@@ -231,7 +257,7 @@ class Manifold:
                            "such weights are extrapolated and can be much worse; morph with a wider range "
                            "(train.compression = [%g, HIGH], --compression-range) to train them",
                            len(below), sum(not q.fixed for q in self.cliques), hi, c.id, counts[c.id],
-                           c.channels_for(1 - hi), lo)
+                           self._floors(counts)[c.id], lo)
 
     # -------------------------------------------------------------- structure
     def template(self, counts: WidthMap) -> nn.Module:

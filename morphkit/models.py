@@ -30,6 +30,7 @@ __all__ = [
     "ResNet20",
     "VAE",
     "MLP",
+    "UNet",
     "REGISTRY",
     "build_model",
     "build_from_arch",
@@ -129,6 +130,46 @@ class ResNet20(nn.Module):
         return self.fc(x)
 
 
+def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
+    """Two 3x3 conv-BatchNorm-ReLU layers (a U-Net level)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class UNet(nn.Module):
+    """A three-level U-Net (Ronneberger et al. 2015) for per-pixel classes.
+
+    The decoder levels read ``cat([upsampled, skip])``: the encoder's channels
+    and the upsampling's share one input dim, the concatenation morphkit
+    morphs. Output: ``(B, num_classes, H, W)`` logits; H and W divisible by 4.
+
+    Example:
+        >>> UNet()(torch.zeros(2, 1, 48, 48)).shape
+        torch.Size([2, 11, 48, 48])
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 11, widths: tuple[int, int, int] = (16, 32, 64)
+                 ) -> None:
+        super().__init__()
+        w0, w1, w2 = widths
+        self.enc1 = _double_conv(in_channels, w0)
+        self.enc2 = _double_conv(w0, w1)
+        self.mid = _double_conv(w1, w2)
+        self.up2 = nn.ConvTranspose2d(w2, w1, 2, stride=2)
+        self.dec2 = _double_conv(2 * w1, w1)
+        self.up1 = nn.ConvTranspose2d(w1, w0, 2, stride=2)
+        self.dec1 = _double_conv(2 * w0, w0)
+        self.head = nn.Conv2d(w0, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)  # (B, w0, H, W)
+        e2 = self.enc2(F.max_pool2d(e1, 2))  # (B, w1, H/2, W/2)
+        m = self.mid(F.max_pool2d(e2, 2))  # (B, w2, H/4, W/4)
+        d2 = self.dec2(torch.cat([self.up2(m), e2], 1))  # (B, w1, H/2, W/2)
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))  # (B, w0, H, W)
+        return self.head(d1)  # (B, num_classes, H, W)
+
+
 class VAE(nn.Module):
     """MLP variational auto-encoder for 28x28 images (784-400-20-400-784).
 
@@ -206,7 +247,7 @@ class ModelEntry:
 
     factory: Callable[..., nn.Module]
     input_shape: tuple[int, ...]
-    task: str  # "classification" or "vae"
+    task: str  # "classification", "segmentation" or "vae"
     description: str
     recipe: dict[str, Any]  # fit() defaults of the base-model schedule (optimizer, lr, ...)
 
@@ -221,6 +262,9 @@ REGISTRY: dict[str, ModelEntry] = {
                             {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "epochs": 20}),
     "mlp": ModelEntry(MLP, (1, 28, 28), "classification", "MLP 784-256-256-10",
                       {"optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4, "epochs": 10}),
+    "unet": ModelEntry(UNet, (1, 48, 48), "segmentation",
+                       "U-Net, 16/32/64 channels, concatenation skips, 11 classes (0.12 M params; mnistseg data)",
+                       {"optimizer": "adam", "lr": 2e-3, "weight_decay": 1e-4, "epochs": 5}),
 }
 
 DEFAULT_RECIPE: dict[str, Any] = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4, "epochs": 10}
@@ -345,7 +389,7 @@ def arch_of(model: nn.Module) -> dict[str, Any] | None:
 
 
 def task_of(model: nn.Module) -> str:
-    """``"vae"`` for the registry VAE, else ``"classification"``."""
+    """The registry model's task (``"vae"``, ``"segmentation"``), else ``"classification"``."""
     arch = arch_of(model)
     if arch and arch["source"] == "morphkit":
         return REGISTRY[arch["name"]].task

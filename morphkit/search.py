@@ -167,7 +167,7 @@ class SearchResult:
     Attributes:
         widths: The best width map within the budget (``{clique_id: channels}``).
         score: Its score on the confirmation batches (``accuracy``, or ``-mse`` for a VAE).
-        metric: ``"accuracy"`` or ``"mse"``.
+        metric: ``"accuracy"``, ``"miou"`` (segmentation) or ``"mse"``.
         value: The metric itself (accuracy or MSE) on the confirmation batches (the odd search batches).
         params: Its parameter count.
         macs: Its MACs (convolutions and linear layers, per example).
@@ -213,7 +213,7 @@ class SearchResult:
             searched 64 width maps in 9 s: accuracy 98.93% on 1,024 images (uniform width 0.46: 98.52%); ...
         """
         def fmt(v: float) -> str:
-            return f"{100 * v:.2f}%" if self.metric == "accuracy" else f"MSE {v:.3f}"
+            return f"{100 * v:.2f}%" if self.metric in ("accuracy", "miou") else f"MSE {v:.3f}"
 
         budget = _budget_text(self.budget)
         return (f"searched {self.evaluated} width maps in {self.seconds:.0f} s: {self.metric} {fmt(self.value)} on "
@@ -299,8 +299,7 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
         True
     """
     from morphkit.clique import width_map
-    from morphkit.fit import evaluate
-    from morphkit.models import task_of
+    from morphkit.fit import HIGHER_IS_BETTER, METRIC_OF_TASK, evaluate, task_for
 
     budget = {}
     if params is not None:
@@ -321,8 +320,8 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
     t_start = time.perf_counter()
     costs = CostModel(manifold)
     held = _batches(data, batches)
-    task = task_of(manifold.base)
-    metric = "accuracy" if task == "classification" else "mse"
+    task = task_for(manifold.base, held)
+    metric = METRIC_OF_TASK[task]
     free = [c for c in manifold.cliques if not c.fixed]
     hi = float(manifold.config.train.compression[1])
     trained_floor = {c.id: c.channels_for(1 - hi, round_to) for c in free}
@@ -384,7 +383,8 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
         key = tuple(sorted(counts.items()))
         if key not in scored:
             value = value_on(counts, rank_set)
-            scored[key] = {"widths": dict(counts), "value": value, "score": value if metric == "accuracy" else -value,
+            score = value if metric in HIGHER_IS_BETTER else -value
+            scored[key] = {"widths": dict(counts), "value": value, "score": score,
                            "params": costs.params(counts), "macs": costs.macs(counts)}
             logger.debug("search: %s %.4f at %s", metric, value, counts)
         return scored[key]
@@ -424,7 +424,7 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
 
     images, confirm_images = n_images(held), n_images(confirm_set)
     final_k = manifold.config.samples if final_samples is None else final_samples
-    sign = 1.0 if metric == "accuracy" else -1.0
+    sign = 1.0 if metric in HIGHER_IS_BETTER else -1.0
     for entry in [uniform, *[e for e in sorted(scored.values(), key=lambda e: -e["score"]) if e is not uniform][:3]]:
         entry["confirm"] = value_on(entry["widths"], confirm_set, final_k)  # the model the caller will sample
     finalists = [e for e in scored.values() if "confirm" in e and e is not uniform]

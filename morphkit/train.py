@@ -165,13 +165,14 @@ def prepare_base(model: nn.Module, example_inputs: Any, config: MorphConfig,
 
 
 def draw_widths(cliques: list, low: float, high: float, per_clique: bool, gen: torch.Generator,
-                spread: float = 0.0) -> WidthMap:
+                spread: float = 0.0, floor: float | None = None) -> WidthMap:
     """Draw a width map: compression ~ U[low, high], global or per clique.
 
     With ``spread`` > 0 (and one global compression) each clique's width is
-    the global width plus its own offset U(-spread, spread), clipped to the
-    trained widths ``[1 - high, 1 - low]``: maps with unequal cliques near the
-    uniform ones, the maps a user (or ``search``) gives per clique.
+    the global width plus its own offset U(-spread, spread), clipped to
+    ``[floor, 1 - low]`` (``floor`` defaults to ``1 - high``): maps with unequal
+    cliques near the uniform ones, the maps a user (or ``search``) gives per
+    clique.
 
     Example:
         >>> draw_widths(cliques, 0.0, 0.75, False, torch.Generator(), spread=0.2)  # doctest: +SKIP
@@ -185,9 +186,14 @@ def draw_widths(cliques: list, low: float, high: float, per_clique: bool, gen: t
         return {c.id: c.channels_for(width()) for c in cliques}
     if spread <= 0:
         return {c.id: c.channels_for(w) for c in cliques}
+    return _spread_map(cliques, w, spread, 1.0 - high if floor is None else floor, 1.0 - low, gen)
+
+
+def _spread_map(cliques: list, w: float, spread: float, floor: float, top: float,
+                gen: torch.Generator) -> WidthMap:
+    """Each clique at width ``w`` plus its own offset U(-spread, spread), clipped to ``[floor, top]``."""
     offsets = (torch.rand(len(cliques), generator=gen) * 2 - 1) * spread  # (n_cliques,)
-    return {c.id: c.channels_for(min(1.0 - low, max(1.0 - high, w + float(o))))
-            for c, o in zip(cliques, offsets)}
+    return {c.id: c.channels_for(min(top, max(floor, w + float(o)))) for c, o in zip(cliques, offsets)}
 
 
 def draw_step_widths(cliques: list, cfg: Any, gen: torch.Generator) -> list[WidthMap]:
@@ -195,7 +201,9 @@ def draw_step_widths(cliques: list, cfg: Any, gen: torch.Generator) -> list[Widt
 
     With ``cfg.sandwich`` (the default): the narrowest width of the range
     (compression ``high`` on every clique) and one map drawn from the range;
-    otherwise the drawn map alone (the paper).
+    otherwise the drawn map alone (the paper). With ``cfg.spread_below`` the
+    per-clique offsets reach down to ``cfg.clique_floor()``, and in half of
+    the steps the narrowest map gets them too.
 
     Example:
         >>> maps = draw_step_widths(cliques, TrainConfig(), torch.Generator())  # doctest: +SKIP
@@ -203,10 +211,16 @@ def draw_step_widths(cliques: list, cfg: Any, gen: torch.Generator) -> list[Widt
         2
     """
     low, high = cfg.compression
-    drawn = draw_widths(cliques, low, high, cfg.per_clique, gen, cfg.clique_spread)
+    spread = cfg.clique_spread if not cfg.per_clique else 0.0
+    below = cfg.spread_below and spread > 0
+    floor = cfg.clique_floor() if below else None
+    drawn = draw_widths(cliques, low, high, cfg.per_clique, gen, cfg.clique_spread, floor)
     if not cfg.sandwich:
         return [drawn]
-    narrowest = {c.id: c.channels_for(1.0 - high) for c in cliques}
+    if below and float(torch.rand((), generator=gen)) < 0.5:
+        narrowest = _spread_map(cliques, 1.0 - high, spread, floor, 1.0 - low, gen)
+    else:
+        narrowest = {c.id: c.channels_for(1.0 - high) for c in cliques}
     return [narrowest, drawn]
 
 

@@ -130,6 +130,7 @@ REGISTRY_KWARGS: dict[str, frozenset[str]] = {
     "resnet20": frozenset({"num_classes", "widths", "blocks"}),
     "vae_mnist": frozenset({"in_features", "hidden", "latent"}),
     "mlp": frozenset({"in_features", "hidden", "num_classes"}),
+    "unet": frozenset({"in_channels", "num_classes", "widths"}),
 }
 
 #: timm constructor arguments a file or spec may set: shapes and regularisation of the architecture.

@@ -181,6 +181,7 @@ def test_info_prints_readable_tables(run):
     assert res.exit_code == 0, res.output
     out = res.output
     assert "trained:" in out and "compression 0% to 50%" in out and "cliques:" in out
+    assert "per clique: single cliques down to width 0.30" in out  # the default spread_below, spread 0.2
     assert "{" not in out and "'accuracy'" not in out  # no raw dicts
     assert "accuracy" in out and "%" in out  # per-width accuracies from training, formatted
     res = CliRunner().invoke(main, ["export", str(run / "m.morph.safetensors"), "--width", "0.5", "--samples", "2",

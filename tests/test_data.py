@@ -457,7 +457,11 @@ def test_augmentation_matches_reference_crop_and_flip():
     data = D.ImageData(images, torch.zeros(16, dtype=torch.long), ["x"], (0.5,) * 3, (0.5,) * 3)
     loader = D.Loader(data, batch_size=16, augment=True, pad=2, normalize=False)
     g = torch.Generator().manual_seed(11)
-    out = loader._augment(images, g)  # (16, 3, 6, 5)
+    out, _ = loader._augment(images, torch.zeros(16, dtype=torch.long), g)  # (16, 3, 6, 5)
+    per_pixel = images[:, 0].long() + 1  # (16, 6, 5) labels that differ per pixel, none 0
+    g = torch.Generator().manual_seed(11)
+    out2, y = loader._augment(images, per_pixel, g)  # the same draws: labels cropped and flipped alike
+    assert torch.equal(out2, out)
 
     g = torch.Generator().manual_seed(11)  # replay the same draws
     oy = torch.randint(0, 5, (16, 1), generator=g)
@@ -470,7 +474,16 @@ def test_augmentation_matches_reference_crop_and_flip():
         if flips[i, 0]:
             crop = crop.flip(-1)
         assert torch.equal(out[i], crop), i
+        assert torch.equal(y[i], (crop[0].long() + 1) * _inside(oy[i, 0], ox[i, 0], flips[i, 0])), i
     assert flips.any() and not flips.all()
+
+
+def _inside(oy, ox, flip, h=6, w=5, p=2):
+    """1 where a crop pixel comes from the image, 0 where from the padding (labels there are class 0)."""
+    mask = torch.zeros(h + 2 * p, w + 2 * p, dtype=torch.long)
+    mask[p : p + h, p : p + w] = 1
+    crop = mask[oy : oy + h, ox : ox + w]
+    return crop.flip(-1) if flip else crop
 
 
 def test_augmented_batches_shape_and_range(embedded):

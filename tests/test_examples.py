@@ -13,6 +13,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 @pytest.mark.parametrize("script, args, expect", [
     ("quickstart.py", ["--base-epochs", "1", "--steps", "20"], "reloaded lenet5-w50.safetensors"),
     ("vae_mnist.py", ["--base-epochs", "1", "--steps", "20"], "width 0.25: MSE"),
+    ("segmentation.py", ["--base-epochs", "1", "--epochs", "1"], "unet-w50.safetensors ("),
     ("timm_model.py", ["--model", "mobilenetv3_small_100", "--base-epochs", "1", "--steps", "2"], "width 0.50:"),
 ])
 def test_example_runs(script, args, expect, tmp_path):

@@ -1,5 +1,6 @@
 """Training every width: the sandwich rule, kept BatchNorms with per-width statistics, the full width, warnings."""
 
+import copy
 import logging
 
 import pytest
@@ -59,7 +60,7 @@ def manifold():
 def test_defaults_train_the_range_users_deploy():
     cfg = mk.MorphConfig()
     assert cfg.train.compression == (0.0, 0.75) and cfg.train.sandwich and not cfg.fuse_bn
-    assert cfg.train.clique_spread == 0.2
+    assert cfg.train.clique_spread == 0.2 and cfg.train.spread_below and cfg.train.clique_floor() == 0.05
     assert cfg.calib_samples > 0
 
 
@@ -67,12 +68,14 @@ def test_older_configs_keep_the_behaviour_they_were_trained_with():
     old = mk.MorphConfig.from_dict({"version": 3, "train": {"compression": [0.0, 0.5]}, "fuse_bn": True})
     assert not old.train.sandwich and old.calib_samples == 0 and old.fuse_bn and old.train.clique_spread == 0.0
     assert mk.MorphConfig.from_dict({"version": 4}).train.clique_spread == 0.0
+    v6 = mk.MorphConfig.from_dict({"version": 6}).train
+    assert v6.clique_spread == 0.2 and not v6.spread_below and v6.clique_floor() == 0.25
 
 
 def test_sandwich_trains_the_narrowest_width_every_step(manifold):
     g = torch.Generator().manual_seed(0)
     cliques = manifold.cliques
-    tc = mk.TrainConfig(compression=(0.1, 0.75))
+    tc = mk.TrainConfig(compression=(0.1, 0.75), spread_below=False)
     for _ in range(20):
         narrow, drawn = draw_step_widths(cliques, tc, g)
         assert narrow == {c.id: c.channels_for(0.25) for c in cliques}
@@ -84,7 +87,7 @@ def test_sandwich_trains_the_narrowest_width_every_step(manifold):
 def test_clique_spread_draws_unequal_maps_inside_the_trained_range(manifold):
     g = torch.Generator().manual_seed(0)
     cliques = [c for c in manifold.cliques if not c.fixed]
-    tc = mk.TrainConfig(compression=(0.0, 0.5), clique_spread=0.3)
+    tc = mk.TrainConfig(compression=(0.0, 0.5), clique_spread=0.3, spread_below=False)
     unequal = 0
     for _ in range(50):
         drawn = draw_step_widths(cliques, tc, g)[1]
@@ -98,6 +101,47 @@ def test_clique_spread_draws_unequal_maps_inside_the_trained_range(manifold):
         assert max(ratios) - min(ratios) <= 1 / min(c.size for c in cliques)
     with pytest.raises(mk.ConfigError, match="train.clique_spread"):
         mk.TrainConfig(clique_spread=1.5)
+
+
+def test_spread_below_trains_single_cliques_under_the_narrowest_uniform_width(manifold):
+    """The default: offsets reach 1 - high - spread, and half the narrowest maps are unequal around 1 - high."""
+    g = torch.Generator().manual_seed(0)
+    cliques = [c for c in manifold.cliques if not c.fixed]
+    tc = mk.TrainConfig(compression=(0.0, 0.5), clique_spread=0.3)
+    assert tc.clique_floor() == pytest.approx(0.2)
+    uniform, below, n = 0, 0, 200
+    for _ in range(n):
+        narrow, drawn = draw_step_widths(cliques, tc, g)
+        for m in (narrow, drawn):
+            assert all(c.channels_for(0.2) <= m[c.id] <= c.size for c in cliques)
+            below += any(m[c.id] < c.channels_for(0.5) for c in cliques)
+        uniform += narrow == {c.id: c.channels_for(0.5) for c in cliques}
+        assert all(narrow[c.id] <= c.channels_for(0.8) for c in cliques)  # 0.5 + 0.3 at most
+    assert 0.35 * n < uniform < 0.65 * n  # a fair coin
+    assert below > 0.3 * n
+    with pytest.raises(mk.ConfigError, match="train.spread_below"):
+        mk.TrainConfig(spread_below=1)
+
+
+def test_untrained_uses_the_per_clique_floor_and_the_map_size(manifold):
+    """Single cliques down to the per-clique floor are trained; a whole map that narrow is not."""
+    m = copy.copy(manifold)
+    m.config = mk.MorphConfig.from_dict({**manifold.config.to_dict(), "train": {
+        **manifold.config.to_dict()["train"], "compression": [0.0, 0.5], "clique_spread": 0.3,
+        "spread_below": True}})
+    free = sorted((c for c in m.cliques if not c.fixed and c.size >= 8), key=lambda c: -c.size)
+    assert len(free) >= 2
+    one_low = m.width_map(0.5)
+    one_low[free[0].id] = free[0].channels_for(0.5) - 1  # the map's mean width 1/16 lower at most
+    assert one_low[free[0].id] >= free[0].channels_for(0.2)
+    assert m.untrained(one_low) == []  # one clique below 0.5, above the floor 0.2
+    assert m.widths()[free[0].id]["trained"][0] == free[0].channels_for(0.2)
+    assert m.widths()[free[0].id]["uniform"][0] == free[0].channels_for(0.5)
+    all_low = m.width_map(0.3)  # every clique at 0.3: a map narrower than any trained
+    assert set(m.untrained(all_low)) == {c.id for c in m.cliques if not c.fixed and all_low[c.id] < c.channels_for(0.5)}
+    too_low = m.width_map(0.5)
+    too_low[free[0].id] = 1 if free[0].channels_for(0.2) > 1 else too_low[free[0].id]
+    assert m.untrained(too_low) == ([free[0].id] if free[0].channels_for(0.2) > 1 else [])
 
 
 def test_kept_batchnorms_normalise_with_batch_statistics_in_training():
