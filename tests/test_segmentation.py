@@ -113,3 +113,28 @@ def test_unet_morphs_samples_and_compares_by_miou(seg, tmp_path):
     with torch.no_grad():
         z = torch.randn(2, 1, 48, 48)
         assert torch.equal(back(z), half.eval()(z))
+
+
+def test_torchvision_lraspp_morphs_and_samples(seg):
+    """torchvision's LR-ASPP MobileNetV3-Large (dict output) through morph, sample and compare by mIoU."""
+    tv = pytest.importorskip("torchvision.models.segmentation")
+
+    class Gray(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tv.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=11)
+
+        def forward(self, x):
+            return self.net(x.expand(-1, 3, -1, -1))
+
+    train, test = make_loaders(seg.subset(train=64, test=32), batch_size=16, seed=0, test_batch_size=32)
+    base = Gray().eval()
+    x = torch.zeros(1, 1, 48, 48)
+    cfg = mk.MorphConfig(inr=mk.INRConfig(hidden=16, layers=2, n_freqs=4),
+                         train=mk.TrainConfig(steps=2, eval_compressions=()), samples=2, calib_samples=16)
+    manifold = mk.morph(base, train, example_inputs=x, config=cfg, progress=False)
+    half = manifold.sample(0.5, samples=2)
+    assert sum(p.numel() for p in half.parameters()) == sum(p.numel() for p in mk.resize(base, x, 0.5).parameters())
+    assert half(torch.zeros(2, 1, 48, 48))["out"].shape == (2, 11, 48, 48)
+    rows = mk.compare(manifold, test, ("neumeta", "l1"), (0.5,), base=base, samples=2, progress=False)
+    assert {r["metric"] for r in rows} == {"miou"}
