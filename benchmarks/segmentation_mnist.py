@@ -63,15 +63,18 @@ def prediction_grid(models: dict[str, torch.nn.Module], x: torch.Tensor, y: torc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [("input", x[:, 0], "gray"), ("truth", y, "tab20")]
+    from matplotlib.colors import ListedColormap
+
+    classes = ListedColormap(["black", *plt.get_cmap("tab10").colors])  # background black, one colour per digit
+    rows = [("input", x[:, 0], "gray"), ("truth", y, classes)]
     with torch.no_grad():
         for label, net in models.items():
-            rows.append((label, logits_of(net.eval()(x)).argmax(1), "tab20"))
+            rows.append((label, logits_of(net.eval()(x)).argmax(1), classes))
     fig, axes = plt.subplots(len(rows), len(x), figsize=(len(x) * 0.95, len(rows) * 1.0))
     for r, (label, imgs, cmap) in enumerate(rows):
         for c in range(len(x)):
             ax = axes[r, c]
-            kw = {"vmin": 0, "vmax": 19} if cmap == "tab20" else {}
+            kw = {"vmin": 0, "vmax": 10} if cmap is not rows[0][2] else {}
             ax.imshow(imgs[c].numpy(), cmap=cmap, interpolation="nearest", **kw)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -88,8 +91,8 @@ def main() -> None:
     ap.add_argument("--model", choices=("unet", "lraspp"), default="unet",
                     help="the registry U-Net, or torchvision lraspp_mobilenet_v3_large (3.2 M params)")
     ap.add_argument("--limit", type=int, default=12_000, help="training canvases used (of 30,000)")
-    ap.add_argument("--base-epochs", type=int, default=5, help="base U-Net epochs (the recipe's 5)")
-    ap.add_argument("--epochs", type=int, default=4, help="morph epochs")
+    ap.add_argument("--base-epochs", type=int, default=12, help="base network epochs (the U-Net recipe's 12)")
+    ap.add_argument("--epochs", type=int, default=8, help="morph epochs")
     ap.add_argument("--samples", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -103,7 +106,7 @@ def main() -> None:
     train, test = make_loaders(splits, batch_size=64, seed=args.seed, test_batch_size=500, limit=args.limit)
     times: dict[str, float] = {}
     official = args.name.startswith("segmentation_mnist") and not args.data.endswith(":embedded")
-    base_file = RESULTS / "base" / f"{args.model}-mnistseg.safetensors"
+    base_file = RESULTS / "base" / f"{args.model}-mnistseg-{args.base_epochs}ep.safetensors"
     t0 = time.perf_counter()
     fresh, recipe = build_base(args.model)
     if official and base_file.is_file():

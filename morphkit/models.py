@@ -264,7 +264,7 @@ REGISTRY: dict[str, ModelEntry] = {
                       {"optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4, "epochs": 10}),
     "unet": ModelEntry(UNet, (1, 48, 48), "segmentation",
                        "U-Net, 16/32/64 channels, concatenation skips, 11 classes (0.12 M params; mnistseg data)",
-                       {"optimizer": "adam", "lr": 2e-3, "weight_decay": 1e-4, "epochs": 5}),
+                       {"optimizer": "adam", "lr": 2e-3, "weight_decay": 1e-4, "epochs": 12}),
 }
 
 DEFAULT_RECIPE: dict[str, Any] = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4, "epochs": 10}
