@@ -62,7 +62,6 @@ def prediction_grid(models: dict[str, torch.nn.Module], x: torch.Tensor, y: torc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.colors import ListedColormap
 
     classes = ListedColormap(["black", *plt.get_cmap("tab10").colors])  # background black, one colour per digit
