@@ -80,3 +80,21 @@ def reused_baselines(path: str, expect: dict[str, Any | Callable[[Any], bool]]) 
         raise SystemExit(f"{path}: its run differs from this one ({'; '.join(diff)}); "
                          "rerun the baselines without --baselines-from")
     return meta, [r for r in old["rows"] if r["method"] != "neumeta"]
+
+
+def metric_table(rows: list[dict], key: str, title: str, compressions: tuple[float, ...],
+                 methods: tuple[str, ...] = ("neumeta", "l1"), scale: float = 1.0) -> list[str]:
+    """A markdown table of one more metric of ``compare`` rows (methods x compressions), after a title line.
+
+    A compression outside the manifold's training range is starred in the header.
+    """
+    def star(g: float) -> str:
+        return "" if all(r["trained"] is not False for r in rows if r["compression"] == g) else " *"
+
+    lines = ["", title, "", "| method | " + " | ".join(f"{g:.0%}{star(g)}" for g in compressions) + " |",
+             "| --- |" + " --- |" * len(compressions)]
+    for method in methods:
+        vals = [next(r[key] for r in rows if r["method"] == method and r["compression"] == g) for g in compressions]
+        lines.append(f"| {method} | " + " | ".join(f"{scale * v:.2f}" for v in vals) + " |")
+    return lines
+

@@ -23,7 +23,7 @@ import argparse
 import time
 
 import torch
-from _common import DATA, RESULTS, machine
+from _common import DATA, RESULTS, machine, metric_table
 
 import morphkit as mk
 from morphkit.compare import write_report
@@ -157,13 +157,7 @@ def main() -> None:
     what = "U-Net" if args.model == "unet" else "LR-ASPP MobileNetV3-Large"
     paths = write_report(rows, RESULTS, title=f"{args.name}: {what} / MNIST digit canvases, NeuMeta vs L1 pruning",
                          meta=meta, stem=args.name, plot=args.name)
-    acc = ["", "Pixel accuracy (%):", "",
-           "| method | " + " | ".join(f"{g:.0%}" for g in COMPRESSIONS) + " |",
-           "| --- |" + " --- |" * len(COMPRESSIONS)]
-    for method in ("neumeta", "l1"):
-        vals = [next(r["accuracy"] for r in rows if r["method"] == method and r["compression"] == g)
-                for g in COMPRESSIONS]
-        acc.append(f"| {method} | " + " | ".join(f"{100 * v:.2f}" for v in vals) + " |")
+    acc = metric_table(rows, "accuracy", "Pixel accuracy (%):", COMPRESSIONS, scale=100.0)
     acc += ["", f"![predictions]({grid.name})"]
     with open(paths["md"], "a") as f:
         f.write("\n".join(acc) + "\n")

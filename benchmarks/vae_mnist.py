@@ -21,7 +21,7 @@ import argparse
 import time
 
 import torch
-from _common import DATA, RESULTS, machine
+from _common import DATA, RESULTS, machine, metric_table
 
 import morphkit as mk
 from morphkit.compare import write_report
@@ -120,15 +120,7 @@ def main() -> None:
             "wall times (s)": ", ".join(f"{k} {v:.0f}" for k, v in times.items())}
     paths = write_report(rows, RESULTS, title=f"{args.name}: MLP VAE / MNIST, NeuMeta vs L1 pruning", meta=meta,
                          stem=args.name, plot=args.name)
-    nll = ["", "NLL (negative ELBO, nats per image; lower is better):", "",
-           "| method | " + " | ".join(f"{g:.0%}" + ("" if all(r["trained"] is not False for r in rows
-                                                               if r["compression"] == g) else " *")
-                                      for g in COMPRESSIONS) + " |",
-           "| --- |" + " --- |" * len(COMPRESSIONS)]
-    for method in ("neumeta", "l1"):
-        vals = [next(r["nll"] for r in rows if r["method"] == method and r["compression"] == g)
-                for g in COMPRESSIONS]
-        nll.append(f"| {method} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    nll = metric_table(rows, "nll", "NLL (negative ELBO, nats per image; lower is better):", COMPRESSIONS)
     nll += ["", f"![reconstructions]({grid.name})"]
     with open(paths["md"], "a") as f:
         f.write("\n".join(nll) + "\n")
