@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _common import reused_baselines  # noqa: E402
+from _common import metric_table, reused_baselines  # noqa: E402
 
 ROWS = [{"method": "neumeta", "acc": 1.0}, {"method": "l1", "acc": 0.5}]
 
@@ -34,3 +34,12 @@ def test_reuse_refuses_a_different_run(tmp_path):
     path = _write(tmp_path, {"machine": "box", "seed": 1})
     with pytest.raises(SystemExit, match="seed: 1 there, 0 here"):
         reused_baselines(path, {"seed": 0})
+
+
+def test_metric_table_lists_each_method_and_stars_untrained_widths():
+    rows = [{"method": m, "compression": g, "trained": g < 0.7, "nll": v}
+            for m, base in (("neumeta", 1.0), ("l1", 2.0)) for g, v in ((0.0, base), (0.75, base + 0.5))]
+    lines = metric_table(rows, "nll", "NLL:", (0.0, 0.75), scale=10.0)
+    assert lines[1] == "NLL:" and lines[3] == "| method | 0% | 75% * |"
+    assert lines[5:] == ["| neumeta | 10.00 | 15.00 |", "| l1 | 20.00 | 25.00 |"]
+
