@@ -98,3 +98,26 @@ def metric_table(rows: list[dict], key: str, title: str, compressions: tuple[flo
         lines.append(f"| {method} | " + " | ".join(f"{scale * v:.2f}" for v in vals) + " |")
     return lines
 
+
+def image_grid(rows: list[tuple[str, Any, dict]], path: Path, title: str, cell: tuple[float, float] = (0.9, 0.95)
+               ) -> None:
+    """A PNG of image rows: each ``(label, images (N, H, W), imshow keywords)``, one column per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * cell[0], len(rows) * cell[1]))
+    for r, (label, imgs, kw) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(imgs[c].numpy(), **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -23,7 +23,7 @@ import argparse
 import time
 
 import torch
-from _common import DATA, RESULTS, machine, metric_table
+from _common import DATA, RESULTS, image_grid, machine, metric_table
 
 import morphkit as mk
 from morphkit.compare import write_report
@@ -64,24 +64,14 @@ def prediction_grid(models: dict[str, torch.nn.Module], x: torch.Tensor, y: torc
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    classes = ListedColormap(["black", *plt.get_cmap("tab10").colors])  # background black, one colour per digit
-    rows = [("input", x[:, 0], "gray"), ("truth", y, classes)]
+    # background black, one colour per digit
+    classes = {"cmap": ListedColormap(["black", *plt.get_cmap("tab10").colors]), "vmin": 0, "vmax": 10,
+               "interpolation": "nearest"}
+    rows = [("input", x[:, 0], {"cmap": "gray", "interpolation": "nearest"}), ("truth", y, classes)]
     with torch.no_grad():
         for label, net in models.items():
             rows.append((label, logits_of(net.eval()(x)).argmax(1), classes))
-    fig, axes = plt.subplots(len(rows), len(x), figsize=(len(x) * 0.95, len(rows) * 1.0))
-    for r, (label, imgs, cmap) in enumerate(rows):
-        for c in range(len(x)):
-            ax = axes[r, c]
-            kw = {"vmin": 0, "vmax": 10} if cmap is not rows[0][2] else {}
-            ax.imshow(imgs[c].numpy(), cmap=cmap, interpolation="nearest", **kw)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    image_grid(rows, path, title, cell=(0.95, 1.0))
 
 
 def main() -> None:

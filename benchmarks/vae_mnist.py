@@ -21,7 +21,7 @@ import argparse
 import time
 
 import torch
-from _common import DATA, RESULTS, machine, metric_table
+from _common import DATA, RESULTS, image_grid, machine, metric_table
 
 import morphkit as mk
 from morphkit.compare import write_report
@@ -33,28 +33,12 @@ COMPRESSIONS = (0.0, 0.25, 0.5, 0.75)
 
 def reconstruction_grid(models: dict[str, torch.nn.Module], x: torch.Tensor, path, title: str) -> None:
     """One row per model (the originals first), one column per test image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pixels = (x * 0.3081 + 0.1307).clamp(0, 1).reshape(len(x), 28, 28)  # (N, 28, 28)
-    rows = [("original", pixels)]
+    gray = {"cmap": "gray", "vmin": 0, "vmax": 1}
+    rows = [("original", (x * 0.3081 + 0.1307).clamp(0, 1).reshape(len(x), 28, 28), gray)]  # (N, 28, 28)
     with torch.no_grad():
         for label, net in models.items():
-            rows.append((label, torch.sigmoid(net.eval()(x)[0]).reshape(len(x), 28, 28)))
-    fig, axes = plt.subplots(len(rows), len(x), figsize=(len(x) * 0.9, len(rows) * 0.95))
-    for r, (label, imgs) in enumerate(rows):
-        for c in range(len(x)):
-            ax = axes[r, c]
-            ax.imshow(imgs[c].numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            rows.append((label, torch.sigmoid(net.eval()(x)[0]).reshape(len(x), 28, 28), gray))
+    image_grid(rows, path, title)
 
 
 def main() -> None:

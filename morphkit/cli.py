@@ -187,6 +187,9 @@ def _macs(model, x) -> int | None:
         return None
 
 
+DATA_HELP = "mnist:DIR, cifar10:PATH, imagefolder:DIR, mnistseg:DIR (segmentation) or embedded."
+
+
 def _fmt_metrics(m: dict[str, float]) -> str:
     if "miou" in m:
         return (f"mIoU {100 * m['miou']:.2f}%  pixel accuracy {100 * m['accuracy']:.2f}%  loss {m['loss']:.4f}  "
@@ -198,7 +201,7 @@ def _fmt_metrics(m: dict[str, float]) -> str:
 
 @main.command()
 @click.argument("model")
-@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR, mnistseg:DIR (segmentation) or embedded.")
+@click.option("--data", "data_spec", required=True, help=DATA_HELP)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default: the model's recipe).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None)
@@ -246,7 +249,7 @@ def train(model: str, data_spec: str, epochs: int | None, batch_size: int, optim
 
 @main.command("eval")
 @click.argument("file", type=click.Path())
-@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR, mnistseg:DIR (segmentation) or embedded.")
+@click.option("--data", "data_spec", required=True, help=DATA_HELP)
 @click.option("--width", type=float, default=None, help="Width to sample (manifold files only).")
 @click.option("--samples", type=click.IntRange(1, MAX_SAMPLES), default=None,
               help="K noisy draws averaged (manifold files only).")
@@ -432,8 +435,9 @@ def _manifold_lines(file: str) -> list[tuple[str, str] | str]:
     ]
     floor = m.config.train.clique_floor()
     if floor < 1 - hi:
+        spread = m.config.train.clique_spread
         lines.append(("per clique", f"single cliques down to width {floor:.2f} in maps of about the narrowest size "
-                                    "(offsets U(-{0:g}, {0:g}))".format(m.config.train.clique_spread)))
+                                    f"(offsets U(-{spread:g}, {spread:g}))"))
     if info.get("steps"):
         lines.append(("training", f"{info['steps']:,} steps in {_value(info.get('seconds'))} s"))
     final = info.get("final") or {}
@@ -499,7 +503,7 @@ def cliques(model: str, input_shape: str | None) -> None:
 
 @main.command("morph")
 @click.argument("model")
-@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR, mnistseg:DIR (segmentation) or embedded.")
+@click.option("--data", "data_spec", required=True, help=DATA_HELP)
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs over the data (default: the config's, 10).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Total steps (overrides --epochs).")
@@ -843,7 +847,7 @@ def demo(epochs: int, steps: int, progress: bool) -> None:
 
 @main.command("compare")
 @click.argument("manifold_file", type=click.Path())
-@click.option("--data", "data_spec", required=True, help="mnist:DIR, cifar10:PATH, imagefolder:DIR, mnistseg:DIR (segmentation) or embedded.")
+@click.option("--data", "data_spec", required=True, help=DATA_HELP)
 @click.option("--methods", default="neumeta,l1,l2,taylor,hessian,random", show_default=True,
               help="Comma-separated: neumeta, l1, l2, taylor, hessian, random, individual, slimmable, searched "
                    "(the best per-clique widths within each uniform model's parameter count).")

@@ -92,10 +92,8 @@ def recorded_cliques(cliques: Any, widths: dict[int, int] | None) -> list[Clique
     """
     if not widths or not isinstance(cliques, (list, tuple)) or not all(isinstance(c, Clique) for c in cliques):
         return None
-    changed = [c for c in cliques if widths.get(c.id, c.size) != c.size]
-    dims = {(m.name, m.dim) for c in changed for m in c.members}
-    keep = [c for c in cliques if any(widths.get(c.id, c.size) != c.size or (m.name, m.dim) in dims
-                                      for m in c.members)]
+    dims = {(m.name, m.dim) for c in cliques if widths.get(c.id, c.size) != c.size for m in c.members}
+    keep = [c for c in cliques if any((m.name, m.dim) in dims for m in c.members)]  # changed ones included
     return keep or None
 
 
