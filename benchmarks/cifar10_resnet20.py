@@ -83,6 +83,8 @@ def main() -> None:
                     help="TrainConfig.base_jitter of the NeuMeta run (cells; default off)")
     ap.add_argument("--baselines-from", default=None, metavar="JSON",
                     help="reuse the baseline rows of this earlier result (same base, data, seed, epochs)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a TrainConfig field of the NeuMeta run, as JSON (repeatable; e.g. narrow_spread=1.0)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default=None, help="where training runs (default: cpu)")
     ap.add_argument("--limit", type=int, default=None, help="first N training images (smoke runs)")
@@ -115,6 +117,9 @@ def main() -> None:
     train_kw: dict = {"epochs": args.morph_epochs, "seed": args.seed, "base_jitter": args.base_jitter}
     if args.compression_range:
         train_kw["compression"] = tuple(float(v) for v in args.compression_range.split(","))
+    for item in args.set:
+        key, _, value = item.partition("=")
+        train_kw[key] = json.loads(value)
     cfg = mk.MorphConfig(train=mk.TrainConfig(**train_kw), samples=args.samples, inr=inr)
     lo, hi = cfg.train.compression
     manifold_file = RESULTS / "manifolds" / f"{args.name}.safetensors"

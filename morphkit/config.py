@@ -18,7 +18,7 @@ from morphkit.errors import ConfigError
 
 __all__ = ["INRConfig", "TrainConfig", "SmoothConfig", "MorphConfig", "CONFIG_VERSION"]
 
-CONFIG_VERSION = 7
+CONFIG_VERSION = 8
 # Fields added later whose defaults changed behaviour: an older dict (a manifold file written
 # before that version) gets the values it was trained with, not today's defaults.
 _V1_INR = {"resample": "bilinear", "train_base": False}  # added in version 2
@@ -28,6 +28,7 @@ _V3_TOP = {"calib_samples": 0}  # added in version 4
 _V4_TRAIN = {"clique_spread": 0.0}  # added in version 5
 _V5_INR = {"factor_above": 0}  # added in version 6
 _V6_TRAIN = {"spread_below": False}  # added in version 7
+_V7_TRAIN = {"narrow_spread": 0.5}  # added in version 8
 
 #: Sanity bounds: larger values are typos (a 16384-wide INR already has 268 M weights per layer).
 MAX_HIDDEN = 16384
@@ -180,6 +181,9 @@ class TrainConfig:
             with; ResNet-20 / CIFAR-10, 12 epochs, 27.4% against 72.5% without).
             ``Manifold.widths`` reports the per-clique floor. False in configs
             before version 7.
+        narrow_spread: With ``spread_below``, the share of steps in which the
+            sandwich's narrowest map gets per-clique offsets (the other steps
+            train it uniform). 0.5 in configs before version 8.
         noise: Coordinate noise half-width ``a`` in channel units (U(-a, a)).
         base_jitter: With ``inr.resample="area"``, each step moves every interior
             cell edge of the narrower layers' merge by U(-j, j) cells, drawn
@@ -226,6 +230,7 @@ class TrainConfig:
     per_clique: bool = False
     clique_spread: float = 0.2
     spread_below: bool = True
+    narrow_spread: float = 0.5
     noise: float = 0.25
     base_jitter: float = 0.0
     l1: float = 1.0
@@ -271,6 +276,8 @@ class TrainConfig:
                self.clique_spread, "a float in [0, 1] (width)")
         _check(isinstance(self.sandwich, bool), "train.sandwich", self.sandwich, "true or false")
         _check(isinstance(self.spread_below, bool), "train.spread_below", self.spread_below, "true or false")
+        _check(_is_num(self.narrow_spread) and 0 <= self.narrow_spread <= 1, "train.narrow_spread",
+               self.narrow_spread, "a float in [0, 1] (share of steps)")
         for name in ("noise", "l1", "l2", "distill", "grad_clip"):
             v = getattr(self, name)
             _check(_is_num(v) and v >= 0, f"train.{name}", v, "a finite float >= 0")
@@ -382,6 +389,8 @@ class MorphConfig:
             d["inr"] = {**_V5_INR, **d.get("inr", {})}
         if version < 7 and isinstance(d.get("train", {}), dict):
             d["train"] = {**_V6_TRAIN, **d.get("train", {})}
+        if version < 8 and isinstance(d.get("train", {}), dict):
+            d["train"] = {**_V7_TRAIN, **d.get("train", {})}
         subs = {"inr": INRConfig, "train": TrainConfig, "smooth": SmoothConfig}
         kwargs: dict[str, Any] = {}
         top = {f.name for f in fields(cls)}

@@ -88,6 +88,9 @@ class TensorLayout:
         layer: Index of the owning module among modules with predicted tensors.
         role: Index of this tensor among its module's predicted tensors.
         scale: RMS of the base tensor (the head's output unit).
+        fan_dim: The tensor's fan-in dim: 1 for conv and linear weights, 0 for
+            transformers' ``Conv1D`` (weight ``(in, out)``), -1 for none (an
+            embedding's dim 1 is its output).
     """
 
     name: str
@@ -96,6 +99,7 @@ class TensorLayout:
     layer: int
     role: int
     scale: float
+    fan_dim: int = 1
 
     @property
     def trailing(self) -> int:
@@ -106,8 +110,8 @@ class TensorLayout:
 
     @property
     def in_only(self) -> bool:
-        """The only row dim is the fan-in (dim 1): its coordinate is the "in" column, "out" is constant."""
-        return len(self.rows) == 1 and self.rows[0].dim == 1
+        """The only row dim is the fan-in: its coordinate is the "in" column, "out" is constant."""
+        return len(self.rows) == 1 and self.rows[0].dim == self.fan_dim
 
     @property
     def grid_shape(self) -> tuple[int, int, int]:
@@ -118,13 +122,16 @@ class TensorLayout:
 
     @property
     def fan_in(self) -> DimSpec | None:
-        """The row dim that is the tensor's fan-in (dim 1), if it is clique-indexed."""
-        return next((r for r in self.rows if r.dim == 1), None)
+        """The row dim that is the tensor's fan-in (:attr:`fan_dim`), if it is clique-indexed."""
+        return next((r for r in self.rows if r.dim == self.fan_dim), None)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "layer": self.layer, "role": self.role,
-                "scale": self.scale,
-                "rows": [_row_json(r) for r in self.rows]}
+        d = {"name": self.name, "shape": list(self.shape), "layer": self.layer, "role": self.role,
+             "scale": self.scale,
+             "rows": [_row_json(r) for r in self.rows]}
+        if self.fan_dim != 1:  # only then: other layouts' JSON is unchanged
+            d["fan_dim"] = self.fan_dim
+        return d
 
 
 def _row_json(r: DimSpec) -> dict[str, Any]:
@@ -238,8 +245,8 @@ def _multiplicity(index: tuple[int, ...] | None, size: int, length: int) -> int 
     return int(counts[0]) if counts.size == size and (counts == counts[0]).all() and counts[0] > 0 else None
 
 
-def plan_layouts(cliques: list[Clique], state: dict[str, torch.Tensor],
-                 param_names: set[str]) -> tuple[list[TensorLayout], list[str]]:
+def plan_layouts(cliques: list[Clique], state: dict[str, torch.Tensor], param_names: set[str],
+                 fan_dims: dict[str, int] | None = None) -> tuple[list[TensorLayout], list[str]]:
     """Split a model's tensors into INR-predicted layouts and static tensors.
 
     A tensor is predicted when it is a floating-point parameter, at least one
@@ -256,10 +263,14 @@ def plan_layouts(cliques: list[Clique], state: dict[str, torch.Tensor],
     concatenates several cliques' channels is one row dim over their
     composite axis (:func:`dim_spec`) when any of them is resizable.
 
+    ``fan_dims`` gives the fan-in dim of tensors where it is not dim 1
+    (:func:`fan_dims_of`).
+
     Returns:
         ``(layouts, static_names)`` in ``state_dict`` order.
     """
     dims = _dims_of(cliques)
+    fan_dims = fan_dims or {}
     layouts: list[TensorLayout] = []
     static: list[str] = []
     modules: dict[str, int] = {}
@@ -289,8 +300,28 @@ def plan_layouts(cliques: list[Clique], state: dict[str, torch.Tensor],
         layer = modules.setdefault(module, len(modules))
         role = roles[module] = roles.get(module, -1) + 1
         scale = float(t.detach().float().pow(2).mean().sqrt().clamp_min(1e-8))
-        layouts.append(TensorLayout(name, tuple(t.shape), tuple(rows), layer, role, scale))
+        layouts.append(TensorLayout(name, tuple(t.shape), tuple(rows), layer, role, scale,
+                                    fan_dims.get(name, 1)))
     return layouts, static
+
+
+def fan_dims_of(model: torch.nn.Module) -> dict[str, int]:
+    """Weights whose fan-in is not dim 1: transformers' ``Conv1D`` (0) and embeddings (-1, none).
+
+    Example:
+        >>> fan_dims_of(torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 2)))
+        {'0.weight': -1}
+    """
+    from morphkit.graph import is_transposed_linear
+
+    out = {}
+    for name, m in model.named_modules():
+        key = f"{name}.weight" if name else "weight"
+        if isinstance(m, torch.nn.Embedding):
+            out[key] = -1
+        elif is_transposed_linear(m):
+            out[key] = 0
+    return out
 
 
 @dataclass

@@ -10,7 +10,8 @@ grouped convolutions and GroupNorm (permute within a group; a grouped conv's
 input columns are shared by all groups, so its input clique is *tied*: one
 permutation for every block), timm-style fused-``qkv`` attention, whose
 inner dimension is rebuilt by hand (q, k and v rows of one channel move
-together, permutation within heads), and attention with separate q/k/v
+together, permutation within heads; GPT-2's ``c_attn`` likewise, its ``Conv1D`` layers
+traced as linear layers with ``(in, out)`` weights), and attention with separate q/k/v
 projections (Hugging Face BERT / ViT / Llama-style, :func:`head_attention`),
 whose cliques permute within heads; resizing keeps the head count and shrinks
 the head size. Known torch-pruning traps are cleaned up:
@@ -476,19 +477,97 @@ def _tp_handlers() -> dict[str, Any]:
             "lin_out": tpf.prune_linear_out_channels, "lin_in": tpf.prune_linear_in_channels}
 
 
+def transposed_linear_type() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's linear layer, weight ``(in, out)``) when transformers is loaded.
+
+    Only a model built with transformers can hold one, so transformers is never imported here.
+    """
+    import sys
+
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def is_transposed_linear(m: nn.Module) -> bool:
+    """A linear layer that stores its weight as ``(in, out)`` (transformers' ``Conv1D``)."""
+    cls = transposed_linear_type()
+    return cls is not None and isinstance(m, cls)
+
+
+def _transposed_linear_pruner() -> Any:
+    """torch-pruning's view of transformers' ``Conv1D``: a linear layer whose weight is ``(in, out)``.
+
+    morphkit only traces with it (it never prunes through torch-pruning), but the
+    pruning functions are real so the graph's handlers are well defined.
+    """
+    from torch_pruning.pruner.function import BasePruningFunc
+
+    class TransposedLinearPruner(BasePruningFunc):
+        def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            keep = [i for i in range(layer.nf) if i not in set(idxs)]
+            layer.weight = nn.Parameter(layer.weight.data[:, keep])
+            layer.bias = nn.Parameter(layer.bias.data[keep])
+            layer.nf = len(keep)
+            return layer
+
+        def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            keep = [i for i in range(layer.nx) if i not in set(idxs)]
+            layer.weight = nn.Parameter(layer.weight.data[keep])
+            layer.nx = len(keep)
+            return layer
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return layer.nf
+
+        def get_in_channels(self, layer: nn.Module) -> int:
+            return layer.nx
+
+    return TransposedLinearPruner()
+
+
 def _key(prefix: str, attr: str) -> str:
     return f"{prefix}.{attr}" if prefix else attr
 
 
+def fused_attention(m: nn.Module, resized: bool = False) -> tuple[nn.Module, nn.Module, bool] | None:
+    """``(qkv, proj, transposed)`` of an attention with one fused q/k/v projection, else None.
+
+    timm-style: ``qkv`` and ``proj`` ``nn.Linear``; GPT-2-style (transformers):
+    ``c_attn`` and ``c_proj`` ``Conv1D`` (weights ``(in, out)``, ``split_size``
+    = the q width unless the projections were just ``resized``) in
+    self-attention. Both need an int ``num_heads``.
+    """
+    heads = getattr(m, "num_heads", None)
+    if not isinstance(heads, int) or isinstance(heads, bool):
+        return None
+    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
+    if isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear):
+        return qkv, proj, False
+    qkv, proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
+    if (is_transposed_linear(qkv) and is_transposed_linear(proj) and not getattr(m, "is_cross_attention", False)
+            and isinstance(getattr(m, "split_size", None), int) and (resized or m.split_size == proj.nx)):
+        return qkv, proj, True
+    return None
+
+
+def _fused_widths(qkv: nn.Module, proj: nn.Module, transposed: bool) -> tuple[int, int]:
+    """``(a, qkv_out)``: the attention's inner width (proj's input) and its fused projection's output."""
+    if transposed:
+        return proj.nx, qkv.nf
+    return proj.in_features, qkv.out_features
+
+
 def _attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """timm-style attention: fused ``qkv`` linear, ``proj`` linear, ``num_heads``."""
+    """Attention with a fused q/k/v projection (:func:`fused_attention`) and a consistent head count."""
     out = {}
     for name, m in model.named_modules():
-        qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
-        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int)):
+        found = fused_attention(m)
+        if found is None:
             continue
-        a = proj.in_features
-        if heads > 0 and qkv.out_features == 3 * a and a % heads == 0:
+        qkv, proj, transposed = found
+        heads = m.num_heads
+        a, qkv_out = _fused_widths(qkv, proj, transposed)
+        if heads > 0 and qkv_out == 3 * a and a % heads == 0:
             hd = getattr(m, "head_dim", a // heads)
             if hd == a // heads:
                 out[name] = m
@@ -582,17 +661,19 @@ def _constrain_heads(drafts: list[_Draft], attns: list[HeadAttention]) -> None:
 
 def _attention_draft(name: str, attn: nn.Module) -> tuple[_Draft, set[tuple[int, str]]]:
     """Hand-built clique of an attention's inner dim; also the (id(module), side) pairs it owns."""
-    a = attn.proj.in_features
+    qkv_mod, proj_mod, transposed = fused_attention(attn)
+    a, _ = _fused_widths(qkv_mod, proj_mod, transposed)
     heads = attn.num_heads
     hd = a // heads
-    d = _Draft(size=a, label=f"{_key(name, 'qkv')} heads")
-    owned: set[tuple[int, str]] = {(id(attn.qkv), "out"), (id(attn.proj), "in")}
-    qkv, proj = _key(name, "qkv"), _key(name, "proj")
+    qkv_name, proj_name = ("c_attn", "c_proj") if transposed else ("qkv", "proj")
+    d = _Draft(size=a, label=f"{_key(name, qkv_name)} heads")
+    owned: set[tuple[int, str]] = {(id(qkv_mod), "out"), (id(proj_mod), "in")}
+    qkv, proj = _key(name, qkv_name), _key(name, proj_name)
     pairs = [(s * a + c, c) for s in range(3) for c in range(a)]  # q, k, v rows of channel c
-    d.add(f"{qkv}.weight", 0, 3 * a, pairs)
-    if attn.qkv.bias is not None:
+    d.add(f"{qkv}.weight", 1 if transposed else 0, 3 * a, pairs)  # Conv1D weights are (in, out)
+    if qkv_mod.bias is not None:
         d.add(f"{qkv}.bias", 0, 3 * a, pairs)
-    d.add(f"{proj}.weight", 1, a, [(c, c) for c in range(a)])
+    d.add(f"{proj}.weight", 0 if transposed else 1, a, [(c, c) for c in range(a)])
     d.module(name)
     d.module(qkv)
     d.module(proj)
@@ -639,7 +720,7 @@ def _convert_item(d: _Draft, item: Any, dg: Any, h: dict[str, Any], names: dict[
         d.problems.append(f"{names.get(id(module), type(module).__name__)}: untracked channel mapping")
         return True
     pairs = list(zip(idxs, (int(r) for r in roots)))
-    in_side = handler in (h["conv_in"], h["lin_in"])
+    in_side = handler in (h["conv_in"], h["lin_in"], h.get("t_lin_in"))
     if isinstance(module, ops._OutputOp) or (not in_side and node.grad_fn is not None
                                               and node.grad_fn in out_gfs):
         d.touches_output.append(names.get(id(module), "output"))
@@ -706,6 +787,13 @@ def _convert_item(d: _Draft, item: Any, dg: Any, h: dict[str, Any], names: dict[
             add("bias", 0)
         else:
             add("weight", 1)
+        return True
+    if is_transposed_linear(module):  # weight (in, out)
+        if handler == h.get("t_lin_out"):
+            add("weight", 1)
+            add("bias", 0)
+        else:
+            add("weight", 0)
         return True
     if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         for attr in ("weight", "bias", "running_mean", "running_var"):
@@ -947,11 +1035,11 @@ def _trace_cliques(work: nn.Module, inputs: tuple[Any, ...],
             traced.append(t)
     out_gfs: set[Any] = set()
 
-    def capture(out: Any) -> Any:
-        for o in _flatten_tensors(out):
-            if o.grad_fn is not None:
-                out_gfs.add(o.grad_fn)
-        return out
+    def capture(out: Any) -> list[torch.Tensor]:
+        # only the output tensors: torch-pruning cannot walk other containers (a transformers cache)
+        tensors = [o for o in _flatten_tensors(out) if o.grad_fn is not None]
+        out_gfs.update(o.grad_fn for o in tensors)
+        return tensors
 
     unwrapped = [(p, 1) for p in input_params]
     if unwrapped_parameters:
@@ -962,11 +1050,15 @@ def _trace_cliques(work: nn.Module, inputs: tuple[Any, ...],
                                   f"model; expected one of {sorted(params)[:8]}...")
             unwrapped.append((params[pname], int(dim)))
     dg = tp.DependencyGraph()
+    t_lin = transposed_linear_type()
+    customized = {}
+    if t_lin is not None and any(isinstance(m, t_lin) for m in work.modules()):
+        customized[t_lin] = _transposed_linear_pruner()
     try:
-        with torch.enable_grad(), warnings.catch_warnings():
+        with torch.enable_grad(), warnings.catch_warnings(), _safe_concat():
             warnings.simplefilter("ignore")
             dg.build_dependency(work, example_inputs=tuple(traced), output_transform=capture,
-                                unwrapped_parameters=unwrapped, verbose=False)
+                                unwrapped_parameters=unwrapped, customized_pruners=customized, verbose=False)
     except Exception as e:  # tracing runs arbitrary user code
         shapes = [tuple(getattr(t, "shape", ())) for t in inputs]
         try:
@@ -982,6 +1074,8 @@ def _trace_cliques(work: nn.Module, inputs: tuple[Any, ...],
                                     "torch-pruning's tracer cannot follow it") from e
     names = {id(m): n for n, m in work.named_modules()}
     h = _tp_handlers()
+    for pruner in customized.values():
+        h["t_lin_out"], h["t_lin_in"] = pruner.prune_out_channels, pruner.prune_in_channels
     input_ids = {id(p) for p in input_params}
 
     attns = _attention_modules(work)
@@ -993,15 +1087,24 @@ def _trace_cliques(work: nn.Module, inputs: tuple[Any, ...],
         owned |= own
 
     roots = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.modules.batchnorm._BatchNorm,
-             nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
+             nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU, *customized)
     truncated: dict[int, int] = {}  # id(group) -> index lists it cut short
-    with warnings.catch_warnings(), _capped_flatten() as cut, _fast_merge(), _mappings_built():
+    with warnings.catch_warnings(), _capped_flatten() as cut, _fast_merge(), _mappings_built(), \
+            _bounded_groups():
         warnings.simplefilter("ignore")
         plain_group = dg.get_pruning_group
 
         def get_pruning_group(*args: Any, **kwargs: Any) -> Any:  # tag the groups whose expansion was cut
             before = cut[0]
-            group = plain_group(*args, **kwargs)
+            try:
+                group = plain_group(*args, **kwargs)
+            except _Diverged as e:
+                root = args[0] if args else kwargs.get("module")
+                raise UnsupportedModelError(
+                    f"torch-pruning's dependency walk from {names.get(id(root), type(root).__name__)} did not "
+                    f"converge (more than {MAX_GROUP_ITEMS:,} dependencies; index mappings that keep producing "
+                    "new channel sets, e.g. rotary embeddings or repeated key/value heads); this model is not "
+                    "supported yet") from e
             if cut[0] > before:
                 truncated[id(group)] = cut[0] - before
             return group
@@ -1074,6 +1177,68 @@ def _capped_flatten() -> Iterator[list[int]]:
         yield cut
     finally:
         cls.__call__ = plain
+
+
+#: A dependency group with more items than this is a walk that does not converge (a model's largest
+#: real groups, residual streams of deep networks, hold a few hundred).
+MAX_GROUP_ITEMS = 4096
+
+
+class _Diverged(RuntimeError):
+    """A torch-pruning dependency walk grew past ``MAX_GROUP_ITEMS``."""
+
+
+@contextlib.contextmanager
+def _bounded_groups() -> Iterator[None]:
+    """Within the block, a torch-pruning group that grows past ``MAX_GROUP_ITEMS`` raises ``_Diverged``.
+
+    torch-pruning revisits a node whenever it arrives with a channel set it has
+    not seen there; index mappings that keep producing new sets (Llama's
+    rotary halves with grouped key/value heads) make the walk run for hours.
+    """
+    from torch_pruning.dependency.group import Group
+
+    plain = Group.add_dep
+
+    def add_dep(self: Any, dep: Any, idxs: Any) -> None:
+        if len(self._group) >= MAX_GROUP_ITEMS:
+            raise _Diverged(len(self._group))
+        plain(self, dep, idxs)
+
+    Group.add_dep = add_dep
+    try:
+        yield
+    finally:
+        Group.add_dep = plain
+
+
+@contextlib.contextmanager
+def _safe_concat() -> Iterator[None]:
+    """Within the block, a concatenation with an input of unknown channels gets no index mapping.
+
+    torch-pruning sums the inputs' channel counts before it checks them for
+    None (an input no layer produces, such as an empty key cache that
+    transformers' attention concatenates with the new keys) and raises a
+    TypeError; it means to leave such a concatenation unmapped, as it does
+    when the sum does not match. Its groups are then checked like any other.
+    """
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    plain = index_mapping.update_concat_index_mapping
+
+    def update(graph: Any, cat_node: Any) -> Any:
+        if cat_node.type == index_mapping.ops.OPTYPE.CONCAT and cat_node.module.concat_sizes is None:
+            sizes = [shape_infer.infer_channels_between(graph, n, cat_node) for n in cat_node.inputs]
+            if any(c is None for c in sizes):
+                cat_node.module.concat_sizes = sizes
+                return None
+        return plain(graph, cat_node)
+
+    index_mapping.update_concat_index_mapping = update
+    try:
+        yield
+    finally:
+        index_mapping.update_concat_index_mapping = plain
 
 
 @contextlib.contextmanager
@@ -1174,17 +1339,17 @@ def _uncovered(dg: Any, cliques: list[Clique], names: dict[int, str]) -> list[Cl
     covered = {(m.name, m.dim) for c in cliques for m in c.members}
     out = []
     for module in dg.module2node:
-        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and not is_transposed_linear(module):
             continue
         name = names.get(id(module), "")
         w = _key(name, "weight")
-        transposed = getattr(module, "transposed", False)
+        transposed = getattr(module, "transposed", False) or is_transposed_linear(module)
         out_dim, in_dim = (1, 0) if transposed else (0, 1)
         groups = getattr(module, "groups", 1)
         for dim, side in ((in_dim, "in"), (out_dim, "out")):
             if (w, dim) in covered or module.weight.dim() <= dim:
                 continue
-            if side == "in" and groups > 1 and groups == module.in_channels:
+            if side == "in" and groups > 1 and groups == getattr(module, "in_channels", 0):
                 continue  # depthwise: one input channel per group, indexed by the output dim
             size = module.weight.shape[dim]
             members = [Member(w, dim)]
@@ -1276,7 +1441,15 @@ def _sharpened(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, to
     fused = _attention_modules(model)
     for name, m in model.named_modules():
         if name in fused:
-            a = m.proj.in_features
+            qkv, proj, transposed = fused_attention(m)
+            a, _ = _fused_widths(qkv, proj, transposed)
+            if transposed:  # Conv1D weight (in, out): q and k columns
+                key = _key(_key(name, "c_attn"), "weight")
+                if isinstance(out.get(key), torch.Tensor):
+                    out[key] = out[key].clone()
+                    out[key][:, : 2 * a] *= SHARPEN
+                scale(_key(_key(name, "c_attn"), "bias"), 2 * a)
+                continue
             for attr in ("weight", "bias"):
                 scale(_key(_key(name, "qkv"), attr), 2 * a)  # q and k rows
         elif isinstance(m, nn.MultiheadAttention):

@@ -28,7 +28,8 @@ from torch import nn
 
 from morphkit.clique import Clique, width_map
 from morphkit.errors import UnsupportedModelError
-from morphkit.graph import _eval_mode, _run, as_inputs, copy_with, keep_positions, light_copy_with
+from morphkit.graph import (_eval_mode, _run, as_inputs, copy_with, fused_attention, is_transposed_linear,
+                            keep_positions, light_copy_with)
 
 __all__ = ["resize"]
 
@@ -233,6 +234,8 @@ def _fix_module(name: str, m: nn.Module, tensorless: dict[str, int]) -> None:
         m.num_parameters = m.weight.numel()
     elif isinstance(m, nn.Embedding):
         m.num_embeddings, m.embedding_dim = m.weight.shape
+    elif is_transposed_linear(m):  # transformers' Conv1D: weight (in, out)
+        m.nx, m.nf = m.weight.shape
 
 
 def _fix_attention(m: nn.Module) -> None:
@@ -243,14 +246,23 @@ def _fix_attention(m: nn.Module) -> None:
     the head-size attribute the forward reshapes with, ``all_head_size`` and
     ``scaling`` / ``scale`` when it was ``head_size ** -0.5``.
     """
-    qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
-    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 0):
+    found = fused_attention(m, resized=True)
+    heads = getattr(m, "num_heads", None)
+    if found is None or heads <= 0:
         _fix_head_attention(m)
         return
-    a = proj.in_features
-    if a % heads or qkv.out_features != 3 * a:
+    qkv, proj, transposed = found
+    a, qkv_out = (proj.weight.shape[0], qkv.weight.shape[1]) if transposed else (proj.in_features, qkv.out_features)
+    if a % heads or qkv_out != 3 * a:
         return
     hd = a // heads
+    if transposed:  # GPT-2: splits q/k/v at split_size, reshapes with head_dim, scales by scaling
+        old_hd = m.head_dim
+        m.split_size, m.head_dim = a, hd
+        scaling = getattr(m, "scaling", None)
+        if isinstance(scaling, float) and old_hd != hd and math.isclose(scaling, old_hd ** -0.5, rel_tol=1e-6):
+            m.scaling = hd ** -0.5
+        return
     old_hd = getattr(m, "head_dim", None)
     if isinstance(old_hd, int) and old_hd != hd:
         scale = getattr(m, "scale", None)

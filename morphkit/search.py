@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from morphkit.errors import ConfigError
+from morphkit.graph import is_transposed_linear
 
 __all__ = ["search", "SearchResult", "CostModel", "parse_count"]
 
@@ -101,7 +102,8 @@ class CostModel:
         inputs = as_inputs(manifold.example_inputs)
         batch = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
         for name, mod in base.named_modules():
-            if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) and getattr(mod, "weight", None) is not None:
+            if ((isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) or is_transposed_linear(mod))
+                    and getattr(mod, "weight", None) is not None):
                 key = f"{name}.weight" if name else "weight"
 
                 def hook(m: nn.Module, args: Any, out: Any, key: str = key) -> None:

@@ -58,7 +58,7 @@ from morphkit.checkpoint import (
     split_prefix,
 )
 from morphkit.config import MorphConfig
-from morphkit.coords import WidthMap, plan_layouts
+from morphkit.coords import WidthMap, fan_dims_of, plan_layouts
 from morphkit.errors import CheckpointError, ConfigError, TrainingError, UnsupportedModelError
 from morphkit.fit import default_loss, evaluate, keeps_global_rng, show_progress, split_batch, to_device
 from morphkit.inr import INR
@@ -202,8 +202,8 @@ def draw_step_widths(cliques: list, cfg: Any, gen: torch.Generator) -> list[Widt
     With ``cfg.sandwich`` (the default): the narrowest width of the range
     (compression ``high`` on every clique) and one map drawn from the range;
     otherwise the drawn map alone (the paper). With ``cfg.spread_below`` the
-    per-clique offsets reach down to ``cfg.clique_floor()``, and in half of
-    the steps the narrowest map gets them too.
+    per-clique offsets reach down to ``cfg.clique_floor()``, and in a share
+    ``cfg.narrow_spread`` of the steps the narrowest map gets them too.
 
     Example:
         >>> maps = draw_step_widths(cliques, TrainConfig(), torch.Generator())  # doctest: +SKIP
@@ -217,7 +217,7 @@ def draw_step_widths(cliques: list, cfg: Any, gen: torch.Generator) -> list[Widt
     drawn = draw_widths(cliques, low, high, cfg.per_clique, gen, cfg.clique_spread, floor)
     if not cfg.sandwich:
         return [drawn]
-    if below and float(torch.rand((), generator=gen)) < 0.5:
+    if below and float(torch.rand((), generator=gen)) < cfg.narrow_spread:
         narrowest = _spread_map(cliques, 1.0 - high, spread, floor, 1.0 - low, gen)
     else:
         narrowest = {c.id: c.channels_for(1.0 - high) for c in cliques}
@@ -527,7 +527,8 @@ def morph(
             old_perms = box[0]
         base, cliques, perms, fused = prepare_base(model, inputs, cfg, perms=old_perms)
         state_dict = base.state_dict()
-        layouts, static_names = plan_layouts(cliques, state_dict, {n for n, _ in base.named_parameters()})
+        layouts, static_names = plan_layouts(cliques, state_dict, {n for n, _ in base.named_parameters()},
+                                             fan_dims_of(base))
         if not layouts:
             raise UnsupportedModelError("no tensor of this model depends on a resizable clique; nothing to learn")
         static = {n: state_dict[n].detach().clone() for n in static_names}

@@ -507,7 +507,10 @@ def _layout_from_json(d: Any, members: dict[tuple[str, int], list]) -> Any:
     dims = [r.dim for r in specs]
     _need(dims == sorted(set(dims)) and dims[-1] < len(shape), f"layout {name} row dims", dims,
           f"increasing dims of its {len(shape)}-d tensor")
-    return TensorLayout(name, tuple(shape), tuple(specs), d["layer"], d["role"], float(scale))
+    fan_dim = d.get("fan_dim", 1)
+    _need(fan_dim in (-1, 0, 1) and not isinstance(fan_dim, bool), f"layout {name} fan_dim", fan_dim,
+          "-1 (none), 0 or 1")
+    return TensorLayout(name, tuple(shape), tuple(specs), d["layer"], d["role"], float(scale), fan_dim)
 
 
 def check_structure(cliques: list[Any], layouts: list[Any], shapes: dict[str, tuple[int, ...]]) -> None:

@@ -175,3 +175,62 @@ def test_hf_encoders_resize_within_heads(which):
     assert attns and all(head_attention(m).heads == 4 and head_attention(m).head_size == 4 for m in attns)
     out = small(x)
     assert torch.isfinite(out[0]).all()
+
+
+def _gpt2(tie: bool = False):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=16, bos_token_id=0,
+                        eos_token_id=0, tie_word_embeddings=tie)
+    return tf.GPT2LMHeadModel(cfg).eval()
+
+
+def test_gpt2_conv1d_and_fused_attention_resize_within_heads():
+    """GPT-2's Conv1D layers (weights (in, out)) and its fused c_attn split by heads."""
+    model, ids = _gpt2(), torch.randint(0, 100, (2, 8))
+    cliques = find_cliques(model, (ids,))
+    resizable = [c for c in cliques if not c.fixed]
+    assert len(resizable) == 5  # residual stream, and per layer the heads and the MLP
+    heads = [c for c in resizable if c.block == 8]
+    assert len(heads) == 2
+    assert {(m.name, m.dim) for m in heads[0].members} == {
+        ("transformer.h.0.attn.c_attn.weight", 1), ("transformer.h.0.attn.c_attn.bias", 0),
+        ("transformer.h.0.attn.c_proj.weight", 0)}
+    small = mk.resize(model, (ids,), 0.5, cliques=cliques)
+    a = small.transformer.h[0].attn
+    assert (a.num_heads, a.head_dim, a.split_size, a.c_attn.nf, a.c_attn.nx) == (4, 4, 16, 48, 16)
+    assert a.scaling == pytest.approx(0.5)
+    assert small(ids).logits.shape == (2, 8, 100)
+
+
+def test_gpt2_morphs_samples_and_round_trips(tmp_path):
+    from morphkit.coords import fan_dims_of
+
+    model, ids = _gpt2(), torch.randint(0, 100, (2, 8))
+    assert fan_dims_of(model)["transformer.h.0.mlp.c_fc.weight"] == 0  # Conv1D: fan-in is dim 0
+    assert fan_dims_of(model)["transformer.wte.weight"] == -1  # an embedding's dim 1 is its output
+    g = torch.Generator().manual_seed(0)
+    data = [(t[:, :-1], t[:, 1:]) for t in (torch.randint(0, 100, (4, 9), generator=g) for _ in range(3))]
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return F.cross_entropy(m(x).logits.flatten(0, 1), y.flatten())
+
+    cfg = mk.MorphConfig()
+    cfg.train.steps = 3
+    manifold = mk.morph(model, data, example_inputs=(ids,), config=cfg, loss_fn=loss_fn, progress=False)
+    torch.testing.assert_close(manifold.sample(1.0)(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    small = manifold.sample(0.5)
+    assert small.transformer.h[1].attn.head_dim == 4
+    assert mk.count_params(small) < 0.5 * mk.count_params(model)
+    path = os.fspath(tmp_path / "gpt2.morph.safetensors")
+    manifold.save(path)
+    torch.testing.assert_close(mk.Manifold.load(path, base=model).sample(0.5)(ids).logits, small(ids).logits)
+    mk.save_model(small, tmp_path / "small.safetensors")
+    loaded = mk.load_model(tmp_path / "small.safetensors", base=model)
+    torch.testing.assert_close(loaded(ids).logits, small(ids).logits)
+
+
+def test_gpt2_with_tied_embeddings_is_refused_with_the_fix():
+    with pytest.raises(mk.UnsupportedModelError, match="tied tensor.*untie them"):
+        find_cliques(_gpt2(tie=True), (torch.randint(0, 100, (2, 8)),))

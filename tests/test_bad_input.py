@@ -351,6 +351,8 @@ MALFORMED = {  # valid checksum, malicious metadata: what the checks behind the 
         _set(("cliques", 1, "members", 0, "index"), [0, 1, 2, 3, 4, 99])), ["index map of 'conv1.weight'"]),
     "manifold layout": ("manifold", lambda d: _manifold_meta(_set(("layouts", 0, "rows", 0, "multiplicity"), 2)),
                         ["layout 'conv1.weight' dim 0 disagrees with clique 1"]),
+    "manifold layout fan dim": ("manifold", lambda d: _manifold_meta(_set(("layouts", 0, "fan_dim"), 2)),
+                                ["layout conv1.weight fan_dim: got 2", "-1 (none), 0 or 1"]),
     "manifold input dtype": ("manifold", lambda d: _manifold_meta(_set(("input_dtypes", 0), "__class__")),
                              ["input dtype: got '__class__'", "expected one of"]),
     "manifold input shape": ("manifold", lambda d: _manifold_meta(_set(("input_shapes", 0), [1, 10**6, 10**6])),

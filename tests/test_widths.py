@@ -70,6 +70,7 @@ def test_older_configs_keep_the_behaviour_they_were_trained_with():
     assert mk.MorphConfig.from_dict({"version": 4}).train.clique_spread == 0.0
     v6 = mk.MorphConfig.from_dict({"version": 6}).train
     assert v6.clique_spread == 0.2 and not v6.spread_below and v6.clique_floor() == 0.25
+    assert mk.MorphConfig.from_dict({"version": 7}).train.narrow_spread == 0.5
 
 
 def test_sandwich_trains_the_narrowest_width_every_step(manifold):
@@ -121,6 +122,21 @@ def test_spread_below_trains_single_cliques_under_the_narrowest_uniform_width(ma
     assert below > 0.3 * n
     with pytest.raises(mk.ConfigError, match="train.spread_below"):
         mk.TrainConfig(spread_below=1)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_narrow_spread_sets_the_share_of_unequal_narrowest_maps(manifold, share):
+    g = torch.Generator().manual_seed(0)
+    cliques = [c for c in manifold.cliques if not c.fixed]
+    tc = mk.TrainConfig(compression=(0.0, 0.5), clique_spread=0.3, narrow_spread=share)
+    uniform = sum(draw_step_widths(cliques, tc, g)[0] == {c.id: c.channels_for(0.5) for c in cliques}
+                  for _ in range(50))
+    if share == 0.0:
+        assert uniform == 50
+    else:  # offsets may round back to the uniform counts on a small clique, rarely on all of them
+        assert uniform < 10
+    with pytest.raises(mk.ConfigError, match="train.narrow_spread"):
+        mk.TrainConfig(narrow_spread=1.5)
 
 
 def test_untrained_uses_the_per_clique_floor_and_the_map_size(manifold):
