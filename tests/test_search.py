@@ -54,6 +54,24 @@ def test_search_meets_the_budget_and_is_no_worse_than_uniform_on_its_data(setup)
     assert js["widths"] and js["uniform"]["widths"] and "searched" in r.summary()
 
 
+def test_search_keeps_the_uniform_map_unless_it_wins_by_the_paired_margin(setup, monkeypatch, caplog):
+    import sys
+
+    ms = sys.modules["morphkit.search"]
+
+    m, held = setup
+    budget = mk.count_params(m.sample(0.5, samples=1))
+    kw = dict(params=budget, candidates=8, batches=2, samples=1, final_samples=2, min_gain=-1.0)
+    monkeypatch.setattr(ms, "PAIRED_Z", -1e9)  # any finalist that is not worse on the confirmation images wins
+    free = m.search(held, **kw)
+    assert free.widths != free.uniform["widths"]  # otherwise the test below checks nothing
+    monkeypatch.setattr(ms, "PAIRED_Z", 1e9)  # no finite paired difference is enough
+    with caplog.at_level("INFO", logger="morphkit.search"):
+        strict = m.search(held, **kw)
+    assert strict.widths == strict.uniform["widths"]
+    assert "standard errors better, keeping the uniform map" in caplog.text
+
+
 def test_search_with_round_to_macs_and_latency(setup):
     m, held = setup
     macs = CostModel(m).macs(m.width_map(0.7))
