@@ -229,9 +229,12 @@ def run_one(name: str) -> dict[str, Any]:
 
 def _load(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     import copy
+    from collections import OrderedDict
 
     m = copy.deepcopy(model)
-    m.load_state_dict(state)
+    sd = OrderedDict(state)
+    sd._metadata = getattr(model.state_dict(), "_metadata", None)  # mnasnet checks its version there
+    m.load_state_dict(sd)
     return m.eval()
 
 
@@ -250,6 +253,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=300, help="seconds per model")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: run one model, print its JSON
     ap.add_argument("--name", default="coverage_zoo")
+    ap.add_argument("--update", action="store_true",
+                    help="rerun the given models and replace their rows in results/NAME.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.one:
@@ -273,19 +278,30 @@ def main() -> int:
               f"{rec.get('resizable', '?')}/{rec.get('cliques', '?')} resizable, shrinks "
               f"{100 * rec.get('shrunk_fraction', 0):.0f}%, diff {rec.get('exact_rel_diff', float('nan')):.1e}, "
               f"{rec['total_s']} s {rec.get('error', '')}", flush=True)
-    write(args.name, {"machine": machine(), "records": records}, markdown(records))
+    meta = {"machine": machine()}
+    if args.update:
+        from _common import RESULTS
+
+        old = json.loads((RESULTS / f"{args.name}.json").read_text())
+        fresh = {r["model"]: r for r in records}
+        records = [fresh.pop(r["model"], r) for r in old["records"]] + list(fresh.values())
+        meta = {"machine": old["machine"], "updated": {"machine": machine(), "models": names}}
+    write(args.name, {**meta, "records": records}, markdown(records, meta))
     return 0
 
 
-def markdown(records: list[dict[str, Any]]) -> str:
+def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     n = len(records)
     ok = sum(r["ok"] for r in records)
     refused = sum(bool(r.get("refused")) for r in records)
     raw = [r for r in records if not r["ok"] and not r.get("refused")]
     silent = [r for r in records if r.get("exact_rel_diff", 0) > 1e-6]
-    m = machine()
+    m = meta["machine"]
+    rerun = meta.get("updated")
     lines = ["# Wide coverage: the whole pipeline on a zoo of models", "",
-             f"Machine: {m['cpu']}, torch {m['torch']}, threads {m['torch_threads']}. Command: `{m['command']}`", "",
+             f"Machine: {m['cpu']}, torch {m['torch']}, threads {m['torch_threads']}, one model per subprocess "
+             f"beside other jobs (times are upper bounds). Command: `{m['command']}`"
+             + (f"; rerun after a fix: `{rerun['machine']['command']}`" if rerun else ""), "",
              f"**{ok} of {n}** models through the whole pipeline (find_cliques, exact smoothing, resize, a 3-step "
              f"morph, sample(0.5), save/load); {refused} refused with a `MorphkitError`; {len(raw)} raw errors; "
              f"{len(silent)} silent output changes (float64, sharp attention, relative difference above 1e-6).", "",

@@ -252,6 +252,7 @@ def test_fast_group_merge_and_built_mappings_give_the_same_cliques(monkeypatch):
     """The linear-time ``add_and_merge`` and the skipped index-mapping rebuilds change no clique."""
     import contextlib
 
+    import morphkit as mk
     import morphkit.graph as graph
 
     timm = pytest.importorskip("timm")
@@ -269,3 +270,12 @@ def test_fast_group_merge_and_built_mappings_give_the_same_cliques(monkeypatch):
                     for c in cs]
 
         assert sig(fast) == sig(plain) and any(not c.fixed for c in fast)
+
+
+def test_a_dependency_walk_that_does_not_converge_is_refused_not_run_for_hours(monkeypatch):
+    import morphkit as mk
+    import morphkit.graph as graph
+
+    monkeypatch.setattr(graph, "MAX_GROUP_ITEMS", 2)  # LeNet-5's groups hold more: stands in for a runaway walk
+    with pytest.raises(mk.UnsupportedModelError, match="did not converge"):
+        graph.find_cliques(build_model("lenet5"), torch.zeros(1, 1, 28, 28))
