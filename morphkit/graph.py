@@ -504,14 +504,16 @@ def _transposed_linear_pruner() -> Any:
 
     class TransposedLinearPruner(BasePruningFunc):
         def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-            keep = [i for i in range(layer.nf) if i not in set(idxs)]
+            drop = set(idxs)
+            keep = [i for i in range(layer.nf) if i not in drop]
             layer.weight = nn.Parameter(layer.weight.data[:, keep])
             layer.bias = nn.Parameter(layer.bias.data[keep])
             layer.nf = len(keep)
             return layer
 
         def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-            keep = [i for i in range(layer.nx) if i not in set(idxs)]
+            drop = set(idxs)
+            keep = [i for i in range(layer.nx) if i not in drop]
             layer.weight = nn.Parameter(layer.weight.data[keep])
             layer.nx = len(keep)
             return layer
