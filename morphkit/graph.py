@@ -1237,10 +1237,11 @@ def _safe_concat() -> Iterator[None]:
 
     def update(graph: Any, cat_node: Any) -> Any:
         if cat_node.type == index_mapping.ops.OPTYPE.CONCAT and cat_node.module.concat_sizes is None:
-            sizes = [shape_infer.infer_channels_between(graph, n, cat_node) for n in cat_node.inputs]
-            if any(c is None for c in sizes):
-                cat_node.module.concat_sizes = sizes
-                return None
+            # inferred once here; torch-pruning reads them back instead of inferring again
+            cat_node.module.concat_sizes = [shape_infer.infer_channels_between(graph, n, cat_node)
+                                            for n in cat_node.inputs]
+        if cat_node.type == index_mapping.ops.OPTYPE.CONCAT and None in cat_node.module.concat_sizes:
+            return None
         return plain(graph, cat_node)
 
     index_mapping.update_concat_index_mapping = update
