@@ -1165,14 +1165,19 @@ def _capped_flatten() -> Iterator[list[int]]:
     from torch_pruning.dependency import index_mapping
 
     cls = index_mapping._FlattenIndexMapping
+    hybrid = index_mapping._helpers._HybridIndex
     plain = cls.__call__
     cut = [0]
+    new = tuple.__new__  # the namedtuple's own __new__ (a keyword lambda) costs twice as much per index
 
     def call(self: Any, idxs: Any) -> Any:
-        if not self.reverse and len(idxs) * self._stride > MAX_TRACE_INDICES:
+        if self.reverse:  # the same indices as torch-pruning's, built without its per-index constructor
+            return list({new(hybrid, (i[0] // self._stride, i[1])) for i in idxs})
+        s = self._stride
+        if len(idxs) * s > MAX_TRACE_INDICES:
             cut[0] += 1
             return []
-        return plain(self, idxs)
+        return [new(hybrid, (k, i[1])) for i in idxs for k in range(i[0] * s, (i[0] + 1) * s)]
 
     cls.__call__ = call
     try:

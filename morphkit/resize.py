@@ -28,8 +28,16 @@ from torch import nn
 
 from morphkit.clique import Clique, width_map
 from morphkit.errors import UnsupportedModelError
-from morphkit.graph import (_eval_mode, _run, as_inputs, copy_with, fused_attention, is_transposed_linear,
-                            keep_positions, light_copy_with)
+from morphkit.graph import (
+    _eval_mode,
+    _run,
+    as_inputs,
+    copy_with,
+    fused_attention,
+    is_transposed_linear,
+    keep_positions,
+    light_copy_with,
+)
 
 __all__ = ["resize"]
 

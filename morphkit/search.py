@@ -10,7 +10,10 @@ The search (:func:`search`) projects every candidate onto the budget's boundary:
 a candidate is a vector of per-clique relative widths ``r``, and its width map is
 ``channels_c = size_c * min(1, t * r_c)`` for the largest ``t`` that meets the
 budget (found by bisection), rounded as ``round_to`` asks. It starts from the
-uniform width map (``r = 1``, the baseline it must beat), adds random vectors,
+uniform width map (``r = 1``, the baseline it must beat) and, where it fits, the
+narrowest uniform map the manifold was trained on (the sandwich trains that map
+in a quarter of its passes, so it can beat wider uniform maps near it: ResNet-20 /
+CIFAR-10, 68.4% at compression 75% against 60.8% at 72.5%), adds random vectors,
 then mutates the best ones (an evolutionary search), scoring each on the given
 held-out batches. By default no clique goes below the narrowest width the
 manifold was trained at (extrapolated widths score badly and noisily).
@@ -426,6 +429,10 @@ def search(manifold: Any, data: Any, *, params: float | str | None = None, macs:
         else:
             hi_w = mid
     population: list[tuple[float, np.ndarray]] = [(uniform["score"], uniform_r)]
+    narrowest = {c.id: c.size for c in manifold.cliques}
+    narrowest.update(trained_floor)
+    if narrowest != uniform["widths"] and fits(narrowest):  # the map training draws most: a candidate of its own
+        score(narrowest)
     n_random = max(0, min(candidates - 1, max(4, candidates // 3)))
 
     def out_of_time() -> bool:

@@ -252,7 +252,6 @@ def test_fast_group_merge_and_built_mappings_give_the_same_cliques(monkeypatch):
     """The linear-time ``add_and_merge`` and the skipped index-mapping rebuilds change no clique."""
     import contextlib
 
-    import morphkit as mk
     import morphkit.graph as graph
 
     timm = pytest.importorskip("timm")
