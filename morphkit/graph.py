@@ -1098,8 +1098,17 @@ def _trace_cliques(work: nn.Module, inputs: tuple[Any, ...],
 
         def get_pruning_group(*args: Any, **kwargs: Any) -> Any:  # tag the groups whose expansion was cut
             before = cut[0]
+            cut[1] = 0  # this walk's index volume through the mappings
             try:
-                group = plain_group(*args, **kwargs)
+                try:
+                    group = plain_group(*args, **kwargs)
+                except _Truncated:  # again without following any index mapping: a shallow group, fixed below
+                    cut[2] = 1
+                    try:
+                        group = plain_group(*args, **kwargs)
+                    finally:
+                        cut[2] = 0
+                    cut[0] += 1
             except _Diverged as e:
                 root = args[0] if args else kwargs.get("module")
                 raise UnsupportedModelError(
@@ -1120,8 +1129,9 @@ def _trace_cliques(work: nn.Module, inputs: tuple[Any, ...],
         root = g[0].dep.target.module
         d = _Draft(size=len(g[0].idxs), label=f"{names.get(id(root), type(root).__name__)} out")
         if id(g) in truncated:
-            d.problems.append(f"its channels are flattened into more than {MAX_TRACE_INDICES:,} positions "
-                              "(torch-pruning's index expansion; not traced further)")
+            d.problems.append(f"its channels are flattened into more than {MAX_TRACE_INDICES:,} positions, or "
+                              f"its dependency walk maps more than {MAX_WALK_INDICES:,} indices (torch-pruning's "
+                              "index expansion; not traced further)")
         for item in g:
             _convert_item(d, item, dg, h, names, input_ids, out_gfs, owned)
         if d.entries:
@@ -1156,34 +1166,74 @@ def _trace_cliques(work: nn.Module, inputs: tuple[Any, ...],
 #: expands every index of a flattened channel into its positions, and chained flattens in windowed
 #: attention (torchvision swin_t) made 45 million index objects and 150 s of tracing.
 MAX_TRACE_INDICES = 1 << 18
+#: Indices one dependency walk may pass through torch-pruning's index mappings (flatten, split,
+#: concat), in and out, in all; past it the walk is redone without following any mapping (its group
+#: then holds only the direct dependencies and is fixed). torchvision maxvit_t's grid attention
+#: carries lists of about 100,000 positions through thousands of items of one group (tracing ran
+#: past 10 minutes); a convolution flattened into a linear layer passes its positions a few times.
+MAX_WALK_INDICES = 1 << 21
+
+
+class _Truncated(RuntimeError):
+    """A torch-pruning dependency walk passed ``MAX_WALK_INDICES`` through index mappings."""
 
 
 @contextlib.contextmanager
 def _capped_flatten() -> Iterator[list[int]]:
-    """Within the block, torch-pruning's flatten index mapping returns no index instead of more than
-    ``MAX_TRACE_INDICES``; yields ``[count]`` of the lists cut so far."""
-    from torch_pruning.dependency import index_mapping
+    """Within the block, torch-pruning's index mappings are bounded and built faster.
 
-    cls = index_mapping._FlattenIndexMapping
-    hybrid = index_mapping._helpers._HybridIndex
-    plain = cls.__call__
-    cut = [0]
-    new = tuple.__new__  # the namedtuple's own __new__ (a keyword lambda) costs twice as much per index
+    A flatten returns no index instead of more than ``MAX_TRACE_INDICES``; a
+    walk that passes ``MAX_WALK_INDICES`` through the mappings raises
+    ``_Truncated``; while the third entry of the yielded list is set, every
+    mapping returns no index (a shallow walk). The indices are the ones
+    torch-pruning builds, in the same order, made with ``tuple.__new__``
+    rather than the namedtuple's keyword constructor (half the cost per
+    index). Yields ``[count of the lists cut so far, indices of this walk,
+    shallow]`` (the caller resets the second at each walk).
+    """
+    from torch_pruning.dependency import index_mapping as im
 
-    def call(self: Any, idxs: Any) -> Any:
-        if self.reverse:  # the same indices as torch-pruning's, built without its per-index constructor
-            return list({new(hybrid, (i[0] // self._stride, i[1])) for i in idxs})
-        s = self._stride
-        if len(idxs) * s > MAX_TRACE_INDICES:
+    hybrid = im._helpers._HybridIndex
+    new = tuple.__new__
+    cut = [0, 0, 0]
+
+    def over(idxs: Any, out: int) -> bool:
+        if cut[2]:
             cut[0] += 1
+            return True
+        cut[1] += len(idxs) + out
+        if cut[1] > MAX_WALK_INDICES:
+            raise _Truncated(cut[1])
+        if out > MAX_TRACE_INDICES:
+            cut[0] += 1
+            return True
+        return False
+
+    def flatten(self: Any, idxs: Any) -> Any:
+        s = self._stride
+        if self.reverse:
+            return [] if over(idxs, len(idxs)) else list({new(hybrid, (i[0] // s, i[1])) for i in idxs})
+        if over(idxs, len(idxs) * s):
             return []
         return [new(hybrid, (k, i[1])) for i in idxs for k in range(i[0] * s, (i[0] + 1) * s)]
 
-    cls.__call__ = call
+    def split(self: Any, idxs: Any) -> Any:  # torch-pruning's split and concat mappings: shift or select
+        if over(idxs, len(idxs)):
+            return []
+        a, b = self.offset[0], self.offset[1]
+        if self.reverse == (type(self) is im._SplitIndexMapping):  # split reversed, concat forward: shift
+            return [new(hybrid, (i[0] + a, i[1])) for i in idxs]
+        return [new(hybrid, (i[0] - a, i[1])) for i in idxs if a <= i[0] < b]
+
+    patched = {im._FlattenIndexMapping: flatten, im._SplitIndexMapping: split, im._ConcatIndexMapping: split}
+    plain = {cls: cls.__call__ for cls in patched}
+    for cls, fn in patched.items():
+        cls.__call__ = fn
     try:
         yield cut
     finally:
-        cls.__call__ = plain
+        for cls, fn in plain.items():
+            cls.__call__ = fn
 
 
 #: A dependency group with more items than this is a walk that does not converge (the largest real

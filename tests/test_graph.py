@@ -278,3 +278,22 @@ def test_a_dependency_walk_that_does_not_converge_is_refused_not_run_for_hours(m
     monkeypatch.setattr(graph, "MAX_GROUP_ITEMS", 2)  # LeNet-5's groups hold more: stands in for a runaway walk
     with pytest.raises(mk.UnsupportedModelError, match="did not converge"):
         graph.find_cliques(build_model("lenet5"), torch.zeros(1, 1, 28, 28))
+
+
+def test_a_walk_that_maps_too_many_indices_is_cut_short_and_its_clique_fixed(monkeypatch):
+    # maxvit_t's grid attention: one walk pushed millions of indices through torch-pruning's mappings;
+    # past the budget the walk is redone shallow and its clique fixed, instead of tracing for minutes
+    import morphkit as mk
+    import morphkit.graph as graph
+
+    net, x = build_model("lenet5"), torch.zeros(1, 1, 28, 28)  # conv2's 16 channels flatten into 400 positions
+    full = graph.find_cliques(net, x)
+    flat = next(c for c in full if "fc1" in c.modules)  # conv2 out, fc1 in
+    assert not flat.fixed
+    monkeypatch.setattr(graph, "MAX_WALK_INDICES", 300)  # below the 16 -> 400 indices the flatten maps
+    cut = graph.find_cliques(net, x)
+    fixed = next(c for c in cut if "conv2" in c.modules and c.size == 16)
+    assert fixed.fixed and "maps more than 300 indices" in fixed.reason
+    assert [c.size for c in cut if not c.fixed] == [c.size for c in full if not c.fixed and c.id != flat.id]
+    small = mk.resize(net, x, 0.5, cliques=cut)  # the rest still resizes
+    assert small.conv2.out_channels == 16 and small.conv1.out_channels == 3
