@@ -37,6 +37,7 @@ says where its baseline rows come from.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -84,7 +85,8 @@ def main() -> None:
     ap.add_argument("--baselines-from", default=None, metavar="JSON",
                     help="reuse the baseline rows of this earlier result (same base, data, seed, epochs)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="a TrainConfig field of the NeuMeta run, as JSON (repeatable; e.g. narrow_spread=1.0)")
+                    help="a TrainConfig field of the NeuMeta run, as JSON, or inr.FIELD for an INRConfig field "
+                         "(repeatable; e.g. narrow_spread=1.0, inr.hidden=128)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--device", default=None, help="where training runs (default: cpu)")
     ap.add_argument("--limit", type=int, default=None, help="first N training images (smoke runs)")
@@ -117,9 +119,15 @@ def main() -> None:
     train_kw: dict = {"epochs": args.morph_epochs, "seed": args.seed, "base_jitter": args.base_jitter}
     if args.compression_range:
         train_kw["compression"] = tuple(float(v) for v in args.compression_range.split(","))
+    inr_kw: dict = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        train_kw[key] = json.loads(value)
+        if key.startswith("inr."):
+            inr_kw[key[4:]] = json.loads(value)
+        else:
+            train_kw[key] = json.loads(value)
+    if inr_kw:
+        inr = dataclasses.replace(inr, **inr_kw)
     cfg = mk.MorphConfig(train=mk.TrainConfig(**train_kw), samples=args.samples, inr=inr)
     lo, hi = cfg.train.compression
     manifold_file = RESULTS / "manifolds" / f"{args.name}.safetensors"
@@ -202,8 +210,8 @@ def main() -> None:
             "budget": f"{args.epochs} epoch(s) per model (each individual model, slimmable), "
                       f"NeuMeta {args.morph_epochs} morphing epochs; pruning without fine-tuning"
                       + (f" and +{args.finetune_epochs} epoch(s)" if args.finetune_epochs else ""),
-            "manifold": f"{'version-1 INR (fixed bilinear base, clean)' if args.clean_base else 'default INRConfig'}"
-                        f" ({inr}), "
+            "manifold": f"{'version-1 INR (fixed bilinear base, clean)' if args.clean_base else 'INRConfig'}"
+                        f" ({cfg.inr}), "
                         f"{args.morph_epochs} epochs, compression U[{lo:g}, {hi:g}]"
                         f"{' (75% untrained)' if hi < 0.75 else ''}, sandwich {cfg.train.sandwich}, "
                         f"BatchNorm {'folded' if cfg.fuse_bn else 'kept'}, base jitter {cfg.train.base_jitter}, "
