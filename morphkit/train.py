@@ -2,8 +2,13 @@
 
 Pipeline: copy the model (folding its BatchNorms only when asked), find its
 cliques, smooth each clique along its shortest Hamiltonian path, then train one
-INR over every predicted tensor of every resizable clique. The training loop
-reads top to bottom as named steps:
+INR over every predicted tensor of every resizable clique. ``morph()`` reads as
+its stages: :func:`_open_checkpoint` (the checkpoint to write or resume),
+:func:`_new_manifold` (smoothed copy, cliques, layouts, the INR and its base
+grids, calibration inputs), :func:`_start_training` (losses, optimiser, EMA,
+restored state), :func:`_train_steps` (the loop) and :func:`_finish` (the
+EMA's weights, ``info``, the final evaluation). Each step of the loop reads top
+to bottom as named steps:
 
 1. :func:`draw_step_widths`: the width maps of this step (with the sandwich
    rule, the narrowest width of the range plus one drawn from it);
@@ -34,7 +39,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -409,6 +414,37 @@ def _any_rank(flag: bool, world: int, dev: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+@dataclass
+class _Checkpoint:
+    """Where a run checkpoints, what it resumes from, and the fingerprint that ties the two."""
+
+    path: Path | None = None
+    loaded: tuple[dict, dict] | None = None  # (tensors, metadata) of the checkpoint resumed
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def perms(self) -> dict[int, list[int]] | None:
+        """The smoothing permutations of the run resumed (None: smooth afresh)."""
+        return None if self.loaded is None else {int(k): v for k, v in self.loaded[1]["perms"].items()}
+
+
+@dataclass
+class _Run:
+    """What a run trains and checkpoints: built by :func:`_start_training`, advanced by :func:`_train_steps`."""
+
+    inr: INR
+    ema: nn.Module  # the EMA of ``inr``: what the manifold samples from
+    opt: torch.optim.Optimizer
+    sched: Any
+    gen: torch.Generator  # every random draw of the steps (widths, noise, tensor subsets)
+    state: TrainState
+    steps: int
+    runner: nn.Module  # the ``_Step`` (wrapped in DistributedDataParallel under torchrun)
+    dev: torch.device
+    rank: int
+    world: int
+
+
 @keeps_global_rng
 def morph(
     model: nn.Module,
@@ -478,15 +514,7 @@ def morph(
         >>> manifold = mk.morph(net, loader, example_inputs=x, config=cfg)  # doctest: +SKIP
         >>> small = manifold.sample(0.5)                                    # doctest: +SKIP
     """
-    cfg = config or MorphConfig()
-    if not isinstance(cfg, MorphConfig):
-        raise ConfigError(f"config must be a MorphConfig, got {type(cfg).__name__}")
-    check_config_budget(cfg)
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ConfigError(f"checkpoint_every must be an int >= 1 (steps), got {checkpoint_every!r}")
-    if resume and checkpoint_dir is None:
-        raise ConfigError("resume=True needs checkpoint_dir (the directory of the run to continue)")
-    tc = cfg.train
+    cfg = _checked_config(config, checkpoint_dir, resume, checkpoint_every)
     from morphkit.fit import default_device
 
     dev = torch.device(device) if device is not None else default_device()
@@ -495,211 +523,281 @@ def morph(
         if world > 1 and dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         inputs = as_inputs(example_inputs)
-        ckpt_path: Path | None = None
-        loaded: tuple[dict, dict] | None = None
-        fingerprint: dict[str, Any] = {}
-        if checkpoint_dir is not None:
-            ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
-            failure: Exception | None = None
-            if rank == 0:
-                try:
-                    check_writable(checkpoint_dir)
-                except CheckpointError as e:
-                    failure = e
-            if _any_rank(failure is not None, world, dev):
-                raise failure or CheckpointError(f"rank 0 cannot write to {str(checkpoint_dir)!r}; see its error")
-            fingerprint = run_fingerprint(model, cfg.to_dict(), world)
-            if ckpt_path.is_file():
-                if not resume:
-                    raise CheckpointError(f"{str(ckpt_path)!r} already holds a checkpoint; pass resume=True "
-                                          "(--resume) to continue it, or use another checkpoint directory")
-                loaded = load_checkpoint(ckpt_path, fingerprint)
-                logger.info("resuming from %s at step %d", ckpt_path, loaded[1]["state"]["step"])
-            elif resume:
-                logger.info("no checkpoint in %s yet: starting from step 0", checkpoint_dir)
-        torch.manual_seed(tc.seed)
+        ckpt = _open_checkpoint(model, cfg, checkpoint_dir, resume, rank, world, dev)
+        torch.manual_seed(cfg.train.seed)
         t_start = time.perf_counter()
-        old_perms = None if loaded is None else {int(k): v for k, v in loaded[1]["perms"].items()}
-        if world > 1 and old_perms is None and cfg.smooth.enabled and cfg.smooth.time_budget is not None:
-            # a timed solve differs between processes: rank 0's order is used by every rank
-            box = [prepare_base(model, inputs, cfg)[2] if rank == 0 else None]
-            dist.broadcast_object_list(box, src=0)
-            old_perms = box[0]
-        base, cliques, perms, fused = prepare_base(model, inputs, cfg, perms=old_perms)
-        state_dict = base.state_dict()
-        layouts, static_names = plan_layouts(cliques, state_dict, {n for n, _ in base.named_parameters()},
-                                             fan_dims_of(base))
-        if not layouts:
-            raise UnsupportedModelError("no tensor of this model depends on a resizable clique; nothing to learn")
-        static = {n: state_dict[n].detach().clone() for n in static_names}
-        inr = build_inr(layouts, cfg)
-        calib = None
-        if not fused and kept_batch_norms(base):
-            if len(inputs) == 1:  # BatchNorm recalibration feeds the first element of each batch
-                calib = collect_calibration(train_data, min(cfg.calib_samples, _calib_cap(inputs)))
-            if calib is None:
-                logger.warning("no calibration inputs stored (calib_samples=0, a one-pass iterable, several or "
-                               "non-finite or non-float inputs): pass calib_data= to Manifold.sample to get "
-                               "BatchNorm statistics per width")
-        manifold = Manifold(inr, cliques, layouts, static, base, inputs, cfg, arch_of(model), perms, fused_bn=fused,
-                            calib=calib)
-        builder = manifold.builder
-        if inr.residual:
-            inr.set_grids([builder.grid(k, state_dict[lt.name].detach().float()) for k, lt in enumerate(layouts)])
+        manifold, state_dict = _new_manifold(model, inputs, train_data, cfg, ckpt.perms, rank, world)
         own_loss = loss_fn is not None
-        if loss_fn is None:
-            loss_fn = default_loss(model)
-        if cfg.inr.precision == "bfloat16" and dev.type == "cpu" and not _fast_cpu_bf16():
-            logger.warning("inr.precision='bfloat16' on a CPU without AVX512-BF16/AMX: bfloat16 matrix products "
-                           "are emulated there and slower than float32; use precision='float32'")
-        logger.info("morph: %d cliques (%d resizable), %d predicted tensors, %d static, INR %d params",
-                    len(cliques), sum(not c.fixed for c in cliques), len(layouts), len(static),
-                    sum(p.numel() for p in inr.parameters()))
-
-        # reconstruction targets: the smoothed base tensors as rows of the full-width table
-        full = builder.full()
-        full_table = builder.table(full)
-        targets = [builder.to_rows(k, full_table, state_dict[lt.name].detach().float()).to(dev)
-                   for k, lt in enumerate(layouts)]
-        norms = [t.pow(2).mean().clamp_min(1e-12) for t in targets]
-
-        inr.to(dev).train()
-        ema = copy.deepcopy(inr).eval()
-        for p in ema.parameters():
-            p.requires_grad_(False)
-        per_pass = len(train_data) // world if hasattr(train_data, "__len__") else 1
-        steps = tc.steps or tc.epochs * max(1, per_pass)
-        grids = [p for n, p in inr.named_parameters() if n.startswith("grid")]  # train_base: the base grids
-        rest = [p for n, p in inr.named_parameters() if not n.startswith("grid")]
-        groups = [{"params": rest}] + ([{"params": grids, "lr": tc.lr * tc.base_lr_scale}] if grids else [])
-        opt = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)  # one kernel per op
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        gen = torch.Generator().manual_seed(tc.seed + rank)
-        teacher = base.to(dev) if tc.distill > 0 and not own_loss and _logits_model(base, inputs) else None
-        state = TrainState(start_epoch=int(getattr(train_data, "epoch", 0) or 0))
-        if loaded is not None:
-            tensors, meta = loaded
-            if int(meta["total_steps"]) != steps:
-                raise CheckpointError(f"checkpoint {str(ckpt_path)!r} is of a {meta['total_steps']}-step run, this "
-                                      f"run has {steps} steps (different data size?); resume with the same data")
-            inr.load_state_dict(split_prefix(tensors, "inr"))
-            ema.load_state_dict(split_prefix(tensors, "ema"))
-            opt.load_state_dict(optimizer_state(tensors, meta))
-            sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
-            gen.set_state(tensors[f"rng.gen.{rank}"])
-            state = TrainState(**meta["state"])
-        step_module = _Step(inr, builder, full_table, targets, norms, loss_fn, cfg, teacher)
-        runner: nn.Module = step_module
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            runner = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                             find_unused_parameters=tc.tensor_fraction < 1)
-
-        def write_checkpoint() -> None:
-            if ckpt_path is None:
-                return
-            gens = [gen.get_state()]
-            if world > 1:
-                mine = gen.get_state().to(dev)  # nccl gathers on the GPU, gloo on the CPU
-                gens = [torch.empty_like(mine) for _ in range(world)]
-                dist.all_gather(gens, mine)
-                gens = [g.cpu() for g in gens]
-            if rank == 0:
-                save_checkpoint(ckpt_path, inr=inr, ema=ema, optimizer=opt, scheduler=sched, generators=gens,
-                                perms=perms, state=state, total_steps=steps, fingerprint=fingerprint)
-                logger.info("checkpoint at step %d written to %s", state.step, ckpt_path)
-
-        if loaded is not None:
-            restore_rng(*_rng_part(loaded))
-        plan_cache: dict[tuple, _WidthPlan] = {}
-
-        def plan_for(counts: WidthMap) -> _WidthPlan:
-            """The cached plan of a width map (at most ``PLAN_CACHE`` kept, least recently used dropped)."""
-            key = tuple(sorted(counts.items()))
-            plan = plan_cache.pop(key, None)
-            if plan is None:
-                template = manifold.template(counts)
-                static = {**_non_persistent_buffers(template), **manifold.static_tensors(counts)}
-                plan = _WidthPlan(counts, builder.table(counts), template, {n: t.to(dev) for n, t in static.items()},
-                                  kept_batch_norms(template) if not fused else [])
-            plan_cache[key] = plan
-            while len(plan_cache) > PLAN_CACHE:
-                plan_cache.pop(next(iter(plan_cache)))
-            return plan
-
-        data_iter = _stream(train_data, state, rank, world)
-        n_pred = len(layouts)
-        t0 = time.perf_counter() - state.train_seconds
-        bar = tqdm(range(state.step, steps), desc="morph", disable=not show_progress(progress) or rank != 0,
-                   initial=state.step, total=steps)
-        step_times: list[float] = []  # wall time of each step of this call (no evaluation, no checkpoint)
-        with _Interrupt(ckpt_path is not None) as interrupt:
-            for step in bar:
-                t_step = time.perf_counter()
-                if _any_rank(interrupt.hit, world, dev):
-                    state.train_seconds = time.perf_counter() - t0
-                    write_checkpoint()
-                    bar.close()
-                    raise MorphInterrupted(f"morph interrupted at step {step}; checkpoint in {checkpoint_dir}")
-                batch = to_device(next(data_iter), dev)
-                # 1. the width maps of this step
-                maps = draw_step_widths(cliques, tc, gen)
-                counts = maps[-1]  # the drawn one (the first is the narrowest under the sandwich rule)
-                width = sum(counts.values()) / sum(full.values())
-                which = None
-                if tc.tensor_fraction < 1:
-                    k = max(1, round(tc.tensor_fraction * n_pred))
-                    which = sorted(torch.randperm(n_pred, generator=gen)[:k].tolist())
-                # 2. predict each map's weights, run the batch, the losses
-                loss, task, recon = runner(batch, [plan_for(m) for m in maps], which, gen)
-                if _any_rank(not bool(torch.isfinite(loss)), world, dev):
-                    what = (loss.item() if world == 1 else
-                            f"non-finite on one of {world} processes ({loss.item()} on rank {rank})")
-                    raise TrainingError(f"loss became {what} at step {step} (width map {counts}, mean width "
-                                        f"{width:.2f}); the last checkpoint is kept; lower train.lr or check the "
-                                        "data and loss_fn")
-                # 3. the update
-                _update(loss, inr, ema, opt, sched, tc, step, width)
-                step_times.append(time.perf_counter() - t_step)
-                x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
-                state.seen += x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else 1
-                state.step = step + 1
-                rec = {"step": step, "loss": loss.item(), "task": task.item(), "recon": recon.item(), "width": width}
-                if step % 10 == 0 or step == steps - 1:
-                    state.history.append(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", task=f"{rec['task']:.4f}", width=f"{width:.2f}",
-                                    img_s=f"{world * state.seen / max(1e-9, time.perf_counter() - t0):.0f}")
-                if (eval_data is not None and rank == 0 and tc.eval_every and (step + 1) % tc.eval_every == 0
-                        and step + 1 < steps):
-                    manifold.inr = ema
-                    state.evals.append({"step": step + 1,
-                                        **_eval_widths(manifold, eval_data, tc.eval_compressions, samples=1)})
-                    logger.info("step %d: %s", step + 1, state.evals[-1])
-                if state.step % checkpoint_every == 0 or state.step == steps:
-                    state.train_seconds = time.perf_counter() - t0
-                    write_checkpoint()
-        bar.close()
-        train_seconds = time.perf_counter() - t0
-        manifold.inr = ema.cpu().eval()
-        manifold.base = base.cpu().eval()
-        manifold._templates.clear()
-        info: dict[str, Any] = {"steps": steps, "seconds": round(time.perf_counter() - t_start, 1),
-                                "train_seconds": round(train_seconds, 3), "world_size": world,
-                                "images_per_s": round(world * state.seen / max(train_seconds, 1e-9), 1),
-                                "median_step_seconds": round(statistics.median(step_times), 6) if step_times else None,
-                                "history": state.history[-200:], "evals": state.evals}
-        if eval_data is not None and rank == 0:
-            info["base_metrics"] = evaluate(base, eval_data)
-            info["final"] = _eval_widths(manifold, eval_data, tc.eval_compressions, samples=cfg.samples)
-            logger.info("final: %s (base %s)", info["final"], info["base_metrics"])
-        manifold.info = info
-        return manifold
+        run = _start_training(manifold, state_dict, train_data, cfg, loss_fn if own_loss else default_loss(model),
+                              own_loss, ckpt, dev, rank, world)
+        train_seconds, step_times = _train_steps(run, manifold, train_data, eval_data, ckpt, checkpoint_every,
+                                                 progress, checkpoint_dir)
+        return _finish(manifold, run, eval_data, t_start, train_seconds, step_times)
     finally:
         if checkpoint_dir is not None and rank == 0:  # the lock check_writable took for this run
             release_directory(checkpoint_dir)
         if owns_group:  # also after an error, so a later call can start a new group
             dist.destroy_process_group()
+
+
+def _checked_config(config: MorphConfig | None, checkpoint_dir: str | Path | None, resume: bool,
+                    checkpoint_every: int) -> MorphConfig:
+    """``config`` (or the default) after the checks that need no model: budget, checkpoint arguments."""
+    cfg = config or MorphConfig()
+    if not isinstance(cfg, MorphConfig):
+        raise ConfigError(f"config must be a MorphConfig, got {type(cfg).__name__}")
+    check_config_budget(cfg)
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be an int >= 1 (steps), got {checkpoint_every!r}")
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True needs checkpoint_dir (the directory of the run to continue)")
+    return cfg
+
+
+def _open_checkpoint(model: nn.Module, cfg: MorphConfig, checkpoint_dir: str | Path | None, resume: bool,
+                     rank: int, world: int, dev: torch.device) -> _Checkpoint:
+    """Check ``checkpoint_dir`` is writable (by rank 0, for every rank) and load the checkpoint to resume."""
+    if checkpoint_dir is None:
+        return _Checkpoint()
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    failure: Exception | None = None
+    if rank == 0:
+        try:
+            check_writable(checkpoint_dir)
+        except CheckpointError as e:
+            failure = e
+    if _any_rank(failure is not None, world, dev):
+        raise failure or CheckpointError(f"rank 0 cannot write to {str(checkpoint_dir)!r}; see its error")
+    fingerprint = run_fingerprint(model, cfg.to_dict(), world)
+    loaded = None
+    if path.is_file():
+        if not resume:
+            raise CheckpointError(f"{str(path)!r} already holds a checkpoint; pass resume=True "
+                                  "(--resume) to continue it, or use another checkpoint directory")
+        loaded = load_checkpoint(path, fingerprint)
+        logger.info("resuming from %s at step %d", path, loaded[1]["state"]["step"])
+    elif resume:
+        logger.info("no checkpoint in %s yet: starting from step 0", checkpoint_dir)
+    return _Checkpoint(path, loaded, fingerprint)
+
+
+def _new_manifold(model: nn.Module, inputs: tuple[Any, ...], train_data: Iterable, cfg: MorphConfig,
+                  old_perms: dict[int, list[int]] | None, rank: int, world: int
+                  ) -> tuple[Manifold, dict[str, torch.Tensor]]:
+    """The untrained manifold of ``model`` (smoothed copy, cliques, layouts, INR with base grids, calibration
+    inputs) and the smoothed base's state dict."""
+    if world > 1 and old_perms is None and cfg.smooth.enabled and cfg.smooth.time_budget is not None:
+        # a timed solve differs between processes: rank 0's order is used by every rank
+        box = [prepare_base(model, inputs, cfg)[2] if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        old_perms = box[0]
+    base, cliques, perms, fused = prepare_base(model, inputs, cfg, perms=old_perms)
+    state_dict = base.state_dict()
+    layouts, static_names = plan_layouts(cliques, state_dict, {n for n, _ in base.named_parameters()},
+                                         fan_dims_of(base))
+    if not layouts:
+        raise UnsupportedModelError("no tensor of this model depends on a resizable clique; nothing to learn")
+    static = {n: state_dict[n].detach().clone() for n in static_names}
+    inr = build_inr(layouts, cfg)
+    calib = None
+    if not fused and kept_batch_norms(base):
+        if len(inputs) == 1:  # BatchNorm recalibration feeds the first element of each batch
+            calib = collect_calibration(train_data, min(cfg.calib_samples, _calib_cap(inputs)))
+        if calib is None:
+            logger.warning("no calibration inputs stored (calib_samples=0, a one-pass iterable, several or "
+                           "non-finite or non-float inputs): pass calib_data= to Manifold.sample to get "
+                           "BatchNorm statistics per width")
+    manifold = Manifold(inr, cliques, layouts, static, base, inputs, cfg, arch_of(model), perms, fused_bn=fused,
+                        calib=calib)
+    if inr.residual:
+        inr.set_grids([manifold.builder.grid(k, state_dict[lt.name].detach().float())
+                       for k, lt in enumerate(layouts)])
+    logger.info("morph: %d cliques (%d resizable), %d predicted tensors, %d static, INR %d params",
+                len(cliques), sum(not c.fixed for c in cliques), len(layouts), len(static),
+                sum(p.numel() for p in inr.parameters()))
+    return manifold, state_dict
+
+
+def _start_training(manifold: Manifold, state_dict: dict[str, torch.Tensor], train_data: Iterable,
+                    cfg: MorphConfig, loss_fn: LossFn, own_loss: bool, ckpt: _Checkpoint, dev: torch.device,
+                    rank: int, world: int) -> _Run:
+    """The step module (losses), the optimiser and schedule, the EMA and generator, restored from
+    ``ckpt`` when it resumes a run (``own_loss``: ``loss_fn`` is the caller's, so no distillation)."""
+    tc, inr, builder = cfg.train, manifold.inr, manifold.builder
+    if cfg.inr.precision == "bfloat16" and dev.type == "cpu" and not _fast_cpu_bf16():
+        logger.warning("inr.precision='bfloat16' on a CPU without AVX512-BF16/AMX: bfloat16 matrix products "
+                       "are emulated there and slower than float32; use precision='float32'")
+    # reconstruction targets: the smoothed base tensors as rows of the full-width table
+    full_table = builder.table(builder.full())
+    targets = [builder.to_rows(k, full_table, state_dict[lt.name].detach().float()).to(dev)
+               for k, lt in enumerate(manifold.layouts)]
+    norms = [t.pow(2).mean().clamp_min(1e-12) for t in targets]
+
+    inr.to(dev).train()
+    ema = copy.deepcopy(inr).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    per_pass = len(train_data) // world if hasattr(train_data, "__len__") else 1
+    steps = tc.steps or tc.epochs * max(1, per_pass)
+    grids = [p for n, p in inr.named_parameters() if n.startswith("grid")]  # train_base: the base grids
+    rest = [p for n, p in inr.named_parameters() if not n.startswith("grid")]
+    groups = [{"params": rest}] + ([{"params": grids, "lr": tc.lr * tc.base_lr_scale}] if grids else [])
+    opt = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)  # one kernel per op
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    gen = torch.Generator().manual_seed(tc.seed + rank)
+    base = manifold.base
+    teacher = base.to(dev) if tc.distill > 0 and not own_loss and _logits_model(base, manifold.example_inputs) \
+        else None
+    state = TrainState(start_epoch=int(getattr(train_data, "epoch", 0) or 0))
+    if ckpt.loaded is not None:
+        tensors, meta = ckpt.loaded
+        if int(meta["total_steps"]) != steps:
+            raise CheckpointError(f"checkpoint {str(ckpt.path)!r} is of a {meta['total_steps']}-step run, this "
+                                  f"run has {steps} steps (different data size?); resume with the same data")
+        inr.load_state_dict(split_prefix(tensors, "inr"))
+        ema.load_state_dict(split_prefix(tensors, "ema"))
+        opt.load_state_dict(optimizer_state(tensors, meta))
+        sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
+        gen.set_state(tensors[f"rng.gen.{rank}"])
+        state = TrainState(**meta["state"])
+    runner: nn.Module = _Step(inr, builder, full_table, targets, norms, loss_fn, cfg, teacher)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(runner, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                         find_unused_parameters=tc.tensor_fraction < 1)
+    return _Run(inr, ema, opt, sched, gen, state, steps, runner, dev, rank, world)
+
+
+def _write_checkpoint(run: _Run, ckpt: _Checkpoint, perms: dict[int, list[int]]) -> None:
+    """Save the run to ``ckpt.path`` (rank 0, with every rank's generator state); nothing without a path."""
+    if ckpt.path is None:
+        return
+    gens = [run.gen.get_state()]
+    if run.world > 1:
+        mine = run.gen.get_state().to(run.dev)  # nccl gathers on the GPU, gloo on the CPU
+        gens = [torch.empty_like(mine) for _ in range(run.world)]
+        dist.all_gather(gens, mine)
+        gens = [g.cpu() for g in gens]
+    if run.rank == 0:
+        save_checkpoint(ckpt.path, inr=run.inr, ema=run.ema, optimizer=run.opt, scheduler=run.sched,
+                        generators=gens, perms=perms, state=run.state, total_steps=run.steps,
+                        fingerprint=ckpt.fingerprint)
+        logger.info("checkpoint at step %d written to %s", run.state.step, ckpt.path)
+
+
+class _Plans:
+    """Width maps' plans (template, coordinate table, static tensors), the ``PLAN_CACHE`` last used kept."""
+
+    def __init__(self, manifold: Manifold, dev: torch.device) -> None:
+        self.manifold, self.dev = manifold, dev
+        self._cache: dict[tuple, _WidthPlan] = {}
+
+    def __call__(self, counts: WidthMap) -> _WidthPlan:
+        key = tuple(sorted(counts.items()))
+        plan = self._cache.pop(key, None)
+        if plan is None:
+            m = self.manifold
+            template = m.template(counts)
+            static = {**_non_persistent_buffers(template), **m.static_tensors(counts)}
+            plan = _WidthPlan(counts, m.builder.table(counts), template,
+                              {n: t.to(self.dev) for n, t in static.items()},
+                              kept_batch_norms(template) if not m.fused_bn else [])
+        self._cache[key] = plan
+        while len(self._cache) > PLAN_CACHE:
+            self._cache.pop(next(iter(self._cache)))
+        return plan
+
+
+def _train_steps(run: _Run, manifold: Manifold, train_data: Iterable, eval_data: Iterable | None,
+                 ckpt: _Checkpoint, checkpoint_every: int, progress: bool, checkpoint_dir: str | Path | None
+                 ) -> tuple[float, list[float]]:
+    """Run the steps from ``run.state.step`` to ``run.steps``: ``(training seconds, each step's wall time)``.
+
+    Each step: draw its width maps, predict and run them (losses), update, then
+    record, evaluate and checkpoint on schedule. Ctrl-C writes a checkpoint and
+    raises :class:`MorphInterrupted`.
+    """
+    tc, state, dev, world, rank = manifold.config.train, run.state, run.dev, run.world, run.rank
+    if ckpt.loaded is not None:
+        restore_rng(*_rng_part(ckpt.loaded))
+    plan_for = _Plans(manifold, dev)
+    cliques, n_pred = manifold.cliques, len(manifold.layouts)
+    full_channels = sum(manifold.builder.full().values())
+    data_iter = _stream(train_data, state, rank, world)
+    t0 = time.perf_counter() - state.train_seconds
+    bar = tqdm(range(state.step, run.steps), desc="morph", disable=not show_progress(progress) or rank != 0,
+               initial=state.step, total=run.steps)
+    step_times: list[float] = []  # wall time of each step of this call (no evaluation, no checkpoint)
+    with _Interrupt(ckpt.path is not None) as interrupt:
+        for step in bar:
+            t_step = time.perf_counter()
+            if _any_rank(interrupt.hit, world, dev):
+                state.train_seconds = time.perf_counter() - t0
+                _write_checkpoint(run, ckpt, manifold.perms)
+                bar.close()
+                raise MorphInterrupted(f"morph interrupted at step {step}; checkpoint in {checkpoint_dir}")
+            batch = to_device(next(data_iter), dev)
+            # 1. the width maps of this step
+            maps = draw_step_widths(cliques, tc, run.gen)
+            counts = maps[-1]  # the drawn one (the first is the narrowest under the sandwich rule)
+            width = sum(counts.values()) / full_channels
+            which = None
+            if tc.tensor_fraction < 1:
+                k = max(1, round(tc.tensor_fraction * n_pred))
+                which = sorted(torch.randperm(n_pred, generator=run.gen)[:k].tolist())
+            # 2. predict each map's weights, run the batch, the losses
+            loss, task, recon = run.runner(batch, [plan_for(m) for m in maps], which, run.gen)
+            if _any_rank(not bool(torch.isfinite(loss)), world, dev):
+                what = (loss.item() if world == 1 else
+                        f"non-finite on one of {world} processes ({loss.item()} on rank {rank})")
+                raise TrainingError(f"loss became {what} at step {step} (width map {counts}, mean width "
+                                    f"{width:.2f}); the last checkpoint is kept; lower train.lr or check the "
+                                    "data and loss_fn")
+            # 3. the update
+            _update(loss, run.inr, run.ema, run.opt, run.sched, tc, step, width)
+            step_times.append(time.perf_counter() - t_step)
+            # 4. record, evaluate, checkpoint
+            x0 = batch[0] if isinstance(batch, (tuple, list)) else batch
+            state.seen += x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else 1
+            state.step = step + 1
+            rec = {"step": step, "loss": loss.item(), "task": task.item(), "recon": recon.item(), "width": width}
+            if step % 10 == 0 or step == run.steps - 1:
+                state.history.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", task=f"{rec['task']:.4f}", width=f"{width:.2f}",
+                                img_s=f"{world * state.seen / max(1e-9, time.perf_counter() - t0):.0f}")
+            if (eval_data is not None and rank == 0 and tc.eval_every and (step + 1) % tc.eval_every == 0
+                    and step + 1 < run.steps):
+                manifold.inr = run.ema
+                state.evals.append({"step": step + 1,
+                                    **_eval_widths(manifold, eval_data, tc.eval_compressions, samples=1)})
+                logger.info("step %d: %s", step + 1, state.evals[-1])
+            if state.step % checkpoint_every == 0 or state.step == run.steps:
+                state.train_seconds = time.perf_counter() - t0
+                _write_checkpoint(run, ckpt, manifold.perms)
+    bar.close()
+    return time.perf_counter() - t0, step_times
+
+
+def _finish(manifold: Manifold, run: _Run, eval_data: Iterable | None, t_start: float, train_seconds: float,
+            step_times: list[float]) -> Manifold:
+    """The trained manifold: the EMA's weights on the CPU, the run's figures in ``info``, the final evaluation."""
+    manifold.inr = run.ema.cpu().eval()
+    manifold.base = manifold.base.cpu().eval()
+    manifold._templates.clear()
+    state, world = run.state, run.world
+    info: dict[str, Any] = {"steps": run.steps, "seconds": round(time.perf_counter() - t_start, 1),
+                            "train_seconds": round(train_seconds, 3), "world_size": world,
+                            "images_per_s": round(world * state.seen / max(train_seconds, 1e-9), 1),
+                            "median_step_seconds": round(statistics.median(step_times), 6) if step_times else None,
+                            "history": state.history[-200:], "evals": state.evals}
+    if eval_data is not None and run.rank == 0:
+        info["base_metrics"] = evaluate(manifold.base, eval_data)
+        info["final"] = _eval_widths(manifold, eval_data, manifold.config.train.eval_compressions,
+                                     samples=manifold.config.samples)
+        logger.info("final: %s (base %s)", info["final"], info["base_metrics"])
+    manifold.info = info
+    return manifold
 
 
 def _update(loss: torch.Tensor, inr: INR, ema: nn.Module, opt: torch.optim.Optimizer, sched: Any,

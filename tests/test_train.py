@@ -349,3 +349,38 @@ def test_unseen_fold_builds_widths_below_the_trained_range_from_trained_ones(tra
     assert torch.allclose(got, want, atol=1e-5)
     with pytest.raises(ConfigError, match="unseen"):
         m.sample(below, unseen="extrapolate")
+
+
+def test_morph_stages_run_by_hand_give_morphs_manifold(trained):
+    """morph() is its named stages in order: running them by hand gives the same INR, bit for bit."""
+    from morphkit import train as T
+    from morphkit.fit import default_loss
+
+    model, _, m = trained
+    x = torch.zeros(1, 1, 28, 28)
+    torch.manual_seed(CFG.train.seed)
+    manifold, state_dict = T._new_manifold(model, (x,), _data(), CFG, None, rank=0, world=1)
+    run = T._start_training(manifold, state_dict, _data(), CFG, default_loss(model), False, T._Checkpoint(),
+                            torch.device("cpu"), rank=0, world=1)
+    assert run.steps == CFG.train.steps and run.state.step == 0
+    seconds, times = T._train_steps(run, manifold, _data(), None, T._Checkpoint(), 100, False, None)
+    assert run.state.step == CFG.train.steps and len(times) == CFG.train.steps and seconds > 0
+    out = T._finish(manifold, run, None, 0.0, seconds, times)
+    assert out.info["steps"] == CFG.train.steps and "final" not in out.info
+    for (k, v), w in zip(m.inr.state_dict().items(), out.inr.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_width_plans_are_cached_per_map_and_bounded(trained, monkeypatch):
+    from morphkit import train as T
+
+    _, _, m = trained
+    monkeypatch.setattr(T, "PLAN_CACHE", 2)
+    plans = T._Plans(m, torch.device("cpu"))
+    maps = [m.width_map(w) for w in (1.0, 0.5, 0.25)]
+    first = plans(maps[0])
+    assert plans(dict(reversed(list(maps[0].items())))) is first  # keyed by the map, not its order
+    assert first.template.layers[0].out_features == 24
+    plans(maps[1])
+    plans(maps[2])  # the least recently used (maps[0]) is dropped
+    assert plans(maps[0]) is not first
