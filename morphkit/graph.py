@@ -18,7 +18,9 @@ the head size. Known torch-pruning traps are cleaned up:
 members reached across an axis change (a token-mixing linear, ``x.mean(1)``)
 cover a dim only partly and are dropped, and a group that maps its channels
 unevenly onto a tensor, splits them (``torch.split``), or contains a layer we
-cannot resize (``nn.MultiheadAttention``, LSTM) is fixed with a warning.
+cannot resize (LSTM, ``nn.MultiheadAttention`` with separate ``kdim`` / ``vdim``) is fixed
+with a warning; ``nn.MultiheadAttention`` otherwise joins the clique of its ``embed_dim``
+(:func:`_add_multihead_attention`).
 Finally, unless ``check=False``, every resizable clique is verified on the
 model itself: a random within-block permutation must leave the output
 unchanged (on randomly perturbed weights, so zero-initialised branches count,
@@ -704,6 +706,8 @@ def _attention_draft(name: str, attn: nn.Module) -> tuple[_Draft, set[tuple[int,
         owned.add((id(p), "param"))
         if p.dim() == 1 and p.shape[0] == a:
             d.add(_key(name, pname), 0, a, [(c, c) for c in range(a)])
+        elif heads > 1 and heads in p.shape and a not in p.shape:
+            continue  # one value per head (Swin's relative position bias, a logit scale): heads are kept
         else:
             d.problems.append(f"{_key(name, pname)} of shape {tuple(p.shape)} in attention {name}")
     return d, owned
@@ -821,8 +825,42 @@ def _convert_item(d: _Draft, item: Any, dg: Any, h: dict[str, Any], names: dict[
     if isinstance(module, nn.Embedding):
         add("weight", 1)
         return True
+    if isinstance(module, nn.MultiheadAttention):
+        _add_multihead_attention(d, name, module, pairs)
+        return True
     d.problems.append(f"{name}: {type(module).__name__} cannot be resized by morphkit")
     return True
+
+
+def _add_multihead_attention(d: _Draft, name: str, m: nn.MultiheadAttention, pairs: list[tuple[int, int]]) -> None:
+    """``nn.MultiheadAttention`` in the clique of its ``embed_dim`` (the residual stream it reads and writes).
+
+    Its q / k / v width and its output width are both ``embed_dim``, so the
+    attention's inner channels resize with the stream: inner channel ``c``
+    (rows ``c``, ``E + c``, ``2E + c`` of ``in_proj_weight``, column ``c`` of
+    ``out_proj``) moves with stream channel ``c``, and the clique permutes
+    within heads (``head_dim`` blocks); resizing keeps ``num_heads`` and shrinks
+    ``head_dim``. Separate ``kdim`` / ``vdim`` projections are not handled.
+    """
+    e, heads = m.embed_dim, m.num_heads
+    if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+        d.problems.append(f"{name}: MultiheadAttention with separate kdim / vdim projections")
+        return
+    d.module(name)
+    d.module(_key(name, "out_proj"))
+    rows = [(s * e + p, r) for s in range(3) for p, r in pairs]  # q, k, v rows of one channel
+    d.add(_key(name, "in_proj_weight"), 0, 3 * e, rows)
+    d.add(_key(name, "in_proj_weight"), 1, e, pairs)
+    if m.in_proj_bias is not None:
+        d.add(_key(name, "in_proj_bias"), 0, 3 * e, rows)
+    d.add(_key(name, "out_proj.weight"), 0, e, pairs)
+    d.add(_key(name, "out_proj.weight"), 1, e, pairs)
+    if m.out_proj.bias is not None:
+        d.add(_key(name, "out_proj.bias"), 0, e, pairs)
+    for attr in ("bias_k", "bias_v"):  # (1, 1, E)
+        if getattr(m, attr, None) is not None:
+            d.add(_key(name, attr), 2, e, pairs)
+    d.constraints.append((m.head_dim, False, f"{name} ({heads} heads of {m.head_dim}, nn.MultiheadAttention)"))
 
 
 def _finish(d: _Draft) -> list[Clique]:

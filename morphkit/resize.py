@@ -193,9 +193,38 @@ def _resize_unchecked(model: nn.Module, cliques: Sequence[Clique], widths: dict[
     tensorless = _tensorless_sizes(new, cliques, widths)
     for name, module in new.named_modules():
         _fix_module(name, module, tensorless)
+    _fix_width_attributes(new, cliques, widths)
     for module in new.modules():  # after the layers: attention reads its projections' new shapes
         _fix_attention(module)
     return new
+
+
+#: Int attributes a module may reshape with that hold the width of a channel dim of its own tensors
+#: (torchvision's ``VisionTransformer.hidden_dim``, beside its ``class_token``).
+WIDTH_ATTRS = ("hidden_dim", "embed_dim", "d_model", "hidden_size")
+
+
+def _fix_width_attributes(model: nn.Module, cliques: Sequence[Clique], widths: dict[int, int]) -> None:
+    """Set ``WIDTH_ATTRS`` of a module that owns a tensor of a resized clique directly, where they held its size.
+
+    Layers whose size attributes :func:`_fix_module` knows are left alone; a
+    wrong guess cannot pass silently: ``find_cliques`` checks every clique
+    resizes and runs.
+    """
+    mods = dict(model.named_modules())
+    for c in cliques:
+        new = int(widths.get(c.id, c.size))
+        if new == c.size:
+            continue
+        owners = {m.name.rpartition(".")[0] for m in c.members}
+        for owner in owners:
+            mod = mods.get(owner)
+            if mod is None or isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)):
+                continue
+            for attr in WIDTH_ATTRS:
+                value = getattr(mod, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value == c.size:
+                    setattr(mod, attr, new)
 
 
 def _tensorless_sizes(model: nn.Module, cliques: Sequence[Clique], widths: dict[int, int]) -> dict[str, int]:
@@ -244,6 +273,10 @@ def _fix_module(name: str, m: nn.Module, tensorless: dict[str, int]) -> None:
         m.num_embeddings, m.embedding_dim = m.weight.shape
     elif is_transposed_linear(m):  # transformers' Conv1D: weight (in, out)
         m.nx, m.nf = m.weight.shape
+    elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+        e = m.in_proj_weight.shape[1]  # the head count is kept, the head size follows
+        m.embed_dim = m.kdim = m.vdim = e
+        m.head_dim = e // m.num_heads
 
 
 def _fix_attention(m: nn.Module) -> None:

@@ -234,3 +234,97 @@ def test_gpt2_morphs_samples_and_round_trips(tmp_path):
 def test_gpt2_with_tied_embeddings_is_refused_with_the_fix():
     with pytest.raises(mk.UnsupportedModelError, match="tied tensor.*untie them"):
         find_cliques(_gpt2(tie=True), (torch.randint(0, 100, (2, 8)),))
+
+
+def _tv_vit() -> tuple[nn.Module, torch.Tensor]:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=10).eval()
+    return model, torch.randn(2, 3, 32, 32)
+
+
+def _stream_clique(cliques):
+    return next(c for c in cliques if any(m.name.endswith("self_attention.in_proj_weight") for m in c.members))
+
+
+def test_multihead_attention_resizes_with_its_stream_within_heads():
+    """nn.MultiheadAttention (torchvision ViT): its embed_dim is the residual stream's clique, permuted within
+    heads (a free permutation fails the check), resized keeping num_heads; the model's hidden_dim follows."""
+    model, x = _tv_vit()
+    cliques = find_cliques(model, x)
+    c = _stream_clique(cliques)
+    assert not c.fixed and c.size == 16 and c.block == 8
+    assert {"class_token", "encoder.pos_embedding", "encoder.layers.encoder_layer_0.self_attention.out_proj.weight"
+            } <= {m.name for m in c.members}
+    free = [dataclasses.replace(k, block=1) if k is c else k for k in cliques]
+    assert c.id in validate_cliques(model, x, free, resize=False)
+    half = mk.resize(model, x, 0.5)
+    attn = half.encoder.layers[0].self_attention
+    assert (attn.num_heads, attn.head_dim, attn.embed_dim, half.hidden_dim) == (2, 4, 8, 8)
+    assert attn.in_proj_weight.shape == (24, 8) and attn.out_proj.weight.shape == (8, 8)
+    assert half(x).shape == (2, 10)
+    smoothed, _ = importlib.import_module("morphkit.smooth").smooth(model, x)
+    ref, out = model.double()(x.double()), smoothed.double()(x.double())
+    assert (ref - out).abs().max() <= 1e-9 * ref.abs().max()
+
+
+def test_multihead_attention_model_morphs_samples_and_round_trips(tmp_path):
+    model, x = _tv_vit()
+    data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(2)]
+    cfg = mk.MorphConfig(train=mk.TrainConfig(steps=2), inr=mk.INRConfig(hidden=16, layers=2))
+    manifold = mk.morph(model, data, example_inputs=x, config=cfg, progress=False)
+    small = manifold.sample(0.5, samples=2)
+    assert small.encoder.layers[1].self_attention.embed_dim == 8 and small(x).shape == (2, 10)
+    path = tmp_path / "vit.safetensors"
+    manifold.save(path)
+    again = mk.Manifold.load(path, base=model).sample(0.5, samples=2)
+    assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(), again.state_dict().values()))
+
+
+def test_multihead_attention_with_separate_key_dims_is_fixed_with_the_reason(caplog):
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.mem = nn.Linear(6, 8), nn.Linear(6, 4)
+            self.attn = nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, m = self.inp(x), self.mem(x)
+            return self.out(self.attn(q, m, m, need_weights=False)[0])
+
+    cliques = find_cliques(Cross().eval(), torch.randn(2, 5, 6))
+    c = next(k for k in cliques if any((m.name, m.dim) == ("mem.weight", 0) for m in k.members))
+    assert c.fixed and "separate kdim / vdim" in c.reason
+    assert all(k.fixed for k in cliques)  # nothing touching the attention resizes
+
+
+class BiasedWindowAttention(nn.Module):
+    """timm Swin-style attention: fused qkv, a learned bias per head and relative position."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, tokens: int = 5) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.randn(tokens * tokens, heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.relative_position_bias_table.view(n, n, -1).permute(2, 0, 1)  # (heads, n, n)
+        att = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5 + bias, dim=-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_per_head_parameter_stays_with_its_heads():
+    """A tensor with one value per head (Swin's relative position bias) is unchanged by a within-head
+    permutation and by a resize that keeps the heads: the attention's clique resizes."""
+    model = nn.Sequential(nn.Linear(6, 16), BiasedWindowAttention(), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 5, 6)
+    c = next(k for k in find_cliques(model, x) if any((m.name, m.dim) == ("1.qkv.weight", 0) for m in k.members))
+    assert not c.fixed and c.block == 4
+    assert "1.relative_position_bias_table" not in {m.name for m in c.members}
+    half = mk.resize(model, x, 0.5)
+    assert half[1].qkv.out_features == 24 and half[1].relative_position_bias_table.shape == (25, 4)
+    assert half(x).shape == (2, 5, 3)

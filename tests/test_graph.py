@@ -148,6 +148,24 @@ def test_validation_catches_a_broken_clique(resnet20):
 
 
 def test_unsupported_layer_is_fixed_with_a_warning(caplog):
+    class WithLSTM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 16)
+            self.rnn = nn.LSTM(16, 16, batch_first=True)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.rnn(self.inp(x))[0])
+
+    with caplog.at_level(logging.WARNING, logger="morphkit.graph"):
+        cs = find_cliques(WithLSTM().eval(), torch.randn(2, 5, 4))
+    stream = next(c for c in cs if any(m.name == "inp.weight" and m.dim == 0 for m in c.members))
+    assert stream.fixed and "LSTM" in stream.reason
+    assert "LSTM" in caplog.text
+
+
+def test_multihead_attention_joins_its_stream_and_permutes_within_heads():
     class WithMHA(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -159,11 +177,11 @@ def test_unsupported_layer_is_fixed_with_a_warning(caplog):
             h = self.inp(x)
             return self.out(self.mha(h, h, h, need_weights=False)[0])
 
-    with caplog.at_level(logging.WARNING, logger="morphkit.graph"):
-        cs = find_cliques(WithMHA().eval(), torch.randn(2, 5, 4))
+    cs = find_cliques(WithMHA().eval(), torch.randn(2, 5, 4))
     stream = next(c for c in cs if any(m.name == "inp.weight" and m.dim == 0 for m in c.members))
-    assert stream.fixed and "MultiheadAttention" in stream.reason
-    assert "MultiheadAttention" in caplog.text
+    assert not stream.fixed and stream.block == 8
+    assert {("mha.in_proj_weight", 0), ("mha.in_proj_weight", 1), ("mha.out_proj.weight", 1)} <= {
+        (m.name, m.dim) for m in stream.members}
 
 
 def test_helpers_on_index_maps():
