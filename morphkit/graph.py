@@ -706,7 +706,7 @@ def _attention_draft(name: str, attn: nn.Module) -> tuple[_Draft, set[tuple[int,
         owned.add((id(p), "param"))
         if p.dim() == 1 and p.shape[0] == a:
             d.add(_key(name, pname), 0, a, [(c, c) for c in range(a)])
-        elif heads > 1 and heads in p.shape and a not in p.shape:
+        elif heads > 1 and heads in p.shape and a not in p.shape and (hd == heads or hd not in p.shape):
             continue  # one value per head (Swin's relative position bias, a logit scale): heads are kept
         else:
             d.problems.append(f"{_key(name, pname)} of shape {tuple(p.shape)} in attention {name}")
