@@ -5,7 +5,8 @@ a dozen models; this script runs the *whole* pipeline on a wide zoo the tests
 never use: torchvision's classification and segmentation models that build in a
 few seconds, 25+ timm families, Hugging Face transformers models from tiny
 configs (BERT, GPT-2 untied, ViT, DistilBERT, Llama), and user-style models with
-concatenation (a U-Net, a dense block, an Inception-style block). Per model, in
+concatenation (a U-Net, a dense block, an Inception-style block) or PyTorch's own
+transformer layers (a text classifier on ``nn.TransformerEncoder``). Per model, in
 a subprocess with a time limit:
 
 1. ``find_cliques`` (with its self-check): cliques, resizable, fixed and why;
@@ -57,7 +58,7 @@ TIMM = ["resnet18", "resnet26d", "resnest14d", "seresnext26d_32x4d", "regnetx_00
         "mixer_s16_224", "resmlp_12_224", "swin_tiny_patch4_window7_224", "efficientformer_l1", "rexnet_100",
         "tinynet_e", "fbnetc_100", "selecsls42b", "xception41"]
 HF = ["bert", "distilbert", "vit", "gpt2", "llama"]
-USER = ["unet", "denseblock", "inception"]
+USER = ["unet", "denseblock", "inception", "transformer"]
 ZOO = ([f"tv:{n}" for n in TV_CLASSIFY + TV_SEGMENT] + [f"timm:{n}" for n in TIMM] + [f"hf:{n}" for n in HF]
        + [f"user:{n}" for n in USER])
 #: inputs: 224 for transformers whose positional tables fix it, 64-96 elsewhere
@@ -102,6 +103,20 @@ class Inception(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
+class TokenTransformer(nn.Module):
+    """A text classifier on PyTorch's own layers: ``nn.TransformerEncoder`` (``nn.MultiheadAttention``)."""
+
+    def __init__(self, vocab: int = 100, dim: int = 32, heads: int = 4, layers: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids)).mean(1))
+
+
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
     """The model (random init, eval) and a batch of 2 example inputs."""
     kind, _, arch = name.partition(":")
@@ -126,6 +141,8 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
             import morphkit as mk
 
             return mk.build_model("unet").eval(), torch.randn(2, 1, 48, 48)
+        if arch == "transformer":
+            return TokenTransformer().eval(), torch.randint(0, 100, (2, 8))
         return (DenseBlock() if arch == "denseblock" else Inception()).eval(), torch.randn(2, 3, 32, 32)
     import transformers as tf
 
